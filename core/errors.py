@@ -1,0 +1,51 @@
+"""The exceptions reasonq raises, in one place.
+
+    ReasonqError
+    ├── JobNotFound              unknown job id (API answers 404)
+    ├── RoutingError             no queue serves the requested runtime (API answers 422)
+    └── BackendError             a runtime could not produce a completion
+        ├── BackendUnavailable   connection refused, timeout, 5xx: retried with backoff
+        │   └── BackendBusy      429 / Ollama's 503 "server busy": retried, never counted as a crash
+        └── BackendRejected      4xx (unknown model, context too long): failed at once
+            └── ContextTooLong   the prompt does not fit the model's context
+
+Workers retry only ``BackendUnavailable`` (and so ``BackendBusy``); everything else ends the job.
+"""
+
+from __future__ import annotations
+
+
+class ReasonqError(Exception):
+    """Root of every reasonq error; ``code`` is the stable, machine-readable name."""
+
+    code = "internal_error"
+    retryable = False
+
+
+class JobNotFound(ReasonqError):
+    code = "job_not_found"
+
+
+class RoutingError(ReasonqError):
+    code = "runtime_not_served"
+
+
+class BackendError(ReasonqError):
+    code = "backend_error"
+
+
+class BackendUnavailable(BackendError):
+    code = "backend_unavailable"
+    retryable = True
+
+
+class BackendBusy(BackendUnavailable):
+    code = "backend_busy"
+
+
+class BackendRejected(BackendError):
+    code = "backend_rejected"
+
+
+class ContextTooLong(BackendRejected):
+    code = "context_too_long"
