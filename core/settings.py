@@ -127,6 +127,17 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_000_000, description="Largest JSON request body accepted.")
     max_prompt_chars: int = Field(200_000, description="Longest prompt accepted.")
     max_tokens_limit: int = Field(32_768, description="Largest max_tokens a job may ask for.")
+    auth_enabled: bool = Field(
+        False, description="Require `Authorization: Bearer <key>` (keys: `reasonq keys create`)."
+    )
+
+    # --- observability -----------------------------------------------------------------
+    worker_metrics_port: int = Field(
+        9101, description="Prometheus port of a worker process (0 = no metrics server)."
+    )
+    flower_show_content: bool = Field(
+        False, description="Show prompts and answers in Flower task args (off: ids and sizes)."
+    )
 
     @cached_property
     def queues(self) -> list[str]:
