@@ -1,0 +1,164 @@
+"""Run an ASGI app under uvicorn: in a thread for tests, or as a subprocess for benchmarks.
+
+    with ServerThread(OpenAIStandIn(OpenAIConfig(step_base_s=0.001)).app) as server:
+        httpx.get(server.url + "/health")
+
+    with StandInProcess("tests.standins.ollama_server", "--num-parallel", "4") as proc:
+        ...  # proc.url
+
+Both bind 127.0.0.1 on a free port. As in httpx's own test-suite, the thread runs a real
+``uvicorn.Server``, so keep-alive timeouts, disconnects and resets are the real thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+import httpx
+import uvicorn
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+C = TypeVar("C")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the OS may hand it out again later)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerThread:
+    """uvicorn serving ``app`` on a daemon thread; ``url`` is ready once ``start()`` returns."""
+
+    def __init__(self, app: Any, timeout_keep_alive: float = 5, **uvicorn_options: Any) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_keep_alive=timeout_keep_alive,  # type: ignore[arg-type]  (float works)
+            timeout_graceful_shutdown=1,
+            **uvicorn_options,
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.005)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=5)
+        self.sock.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+class StandInProcess:
+    """``python -m <module> --port <free> <args>`` in the repo root, stopped on exit."""
+
+    def __init__(self, module: str, *args: str, ready_path: str | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = [sys.executable, "-m", module, "--port", str(self.port), *args]
+        if ready_path is None:
+            ready_path = "/api/version" if "ollama" in module else "/health"
+        self.ready_path = ready_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 20) -> StandInProcess:
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        self.proc = subprocess.Popen(self.command, cwd=REPO_ROOT, env=env)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.command} exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.url + self.ready_path, timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.command} not ready after {timeout_s} s")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+# --- command line shared by both stand-ins -----------------------------------------------
+def add_config_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """``--host``/``--port``/``--timeout-keep-alive`` plus one flag per config field."""
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument(
+        "--timeout-keep-alive", type=float, default=5, help="uvicorn idle timeout (s)"
+    )
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action="store_true", default=f.default)
+        elif f.name == "models":
+            parser.add_argument(flag, nargs="+", default=list(f.default_factory()))
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+            parser.add_argument(flag, type=kind, default=f.default, help=f"default {f.default}")
+
+
+def config_from_args(args: argparse.Namespace, config_cls: type[C]) -> C:
+    names = {f.name for f in dataclasses.fields(config_cls)}  # type: ignore[arg-type]
+    return config_cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def serve(app: Any, args: argparse.Namespace) -> None:
+    """Serve in the foreground, as ``vllm serve`` / ``ollama serve`` do (uvloop, httptools)."""
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_keep_alive=args.timeout_keep_alive,
+    )
