@@ -97,6 +97,11 @@ class Settings(BaseSettings):
         description="Idle pooled connections are dropped after this; keep it below the "
         "backend's own idle timeout (uvicorn: 5 s).",
     )
+    http_cancel_poll_s: float = Field(
+        0.25,
+        description="While a backend sends nothing (request queued, model loading), how often "
+        "a streaming generation checks whether its job was cancelled.",
+    )
 
     # --- ONNX runtime ------------------------------------------------------------------
     data_dir: Path = Field(
