@@ -3,6 +3,7 @@
     ReasonqError
     ├── JobNotFound              unknown job id (API answers 404)
     ├── RoutingError             no queue serves the requested runtime (API answers 422)
+    ├── IdempotencyConflict      an Idempotency-Key reused for another request (409)
     └── BackendError             a runtime could not produce a completion
         ├── BackendUnavailable   connection refused, timeout, 5xx: retried with backoff
         │   └── BackendBusy      429 / Ollama's 503 "server busy": retried, never counted as a crash
@@ -28,6 +29,10 @@ class JobNotFound(ReasonqError):
 
 class RoutingError(ReasonqError):
     code = "runtime_not_served"
+
+
+class IdempotencyConflict(ReasonqError):
+    code = "idempotency_conflict"
 
 
 class BackendError(ReasonqError):

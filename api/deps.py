@@ -1,0 +1,40 @@
+"""Dependencies injected into routes."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import redis.asyncio as aioredis
+from fastapi import Depends, Request
+
+from api.events import EventHub
+from core.jobs import JobStore
+from core.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_redis(request: Request) -> aioredis.Redis:
+    return request.app.state.redis
+
+
+def get_store(request: Request) -> JobStore:
+    return request.app.state.store
+
+
+def get_hub(request: Request) -> EventHub:
+    return request.app.state.hub
+
+
+def get_owner(request: Request) -> str:
+    """The caller's identity; every job and batch belongs to one."""
+    return getattr(request.state, "owner", "anonymous")
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RedisDep = Annotated[aioredis.Redis, Depends(get_redis)]
+StoreDep = Annotated[JobStore, Depends(get_store)]
+HubDep = Annotated[EventHub, Depends(get_hub)]
+OwnerDep = Annotated[str, Depends(get_owner)]

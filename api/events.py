@@ -1,0 +1,74 @@
+"""Fan-out of job events: one Redis pub/sub connection per API process, many listeners.
+
+A request that waits on a job (long-poll, server-sent events) subscribes here; the hub
+subscribes the Redis channel once, however many clients watch the same job, and drops it
+when the last one leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+log = logging.getLogger("reasonq.api")
+
+# The hub keeps this channel subscribed so its reader always has a connection to read.
+_IDLE_CHANNEL = "reasonq:hub"
+
+
+class EventHub:
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._pubsub = redis.pubsub(ignore_subscribe_messages=True)
+        self._listeners: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._pubsub.subscribe(_IDLE_CHANNEL)
+        self._reader = asyncio.create_task(self._read())
+
+    async def stop(self) -> None:
+        if self._reader:
+            self._reader.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._reader
+        await self._pubsub.aclose()
+
+    @asynccontextmanager
+    async def listen(self, channel: str) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
+        """Events of ``channel`` as they arrive. Subscribed before this yields, so reading
+        the job's state after entering never misses a change."""
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        listeners = self._listeners.setdefault(channel, set())
+        listeners.add(queue)
+        if len(listeners) == 1:
+            await self._pubsub.subscribe(channel)
+        try:
+            yield queue
+        finally:
+            listeners.discard(queue)
+            if not listeners:
+                del self._listeners[channel]
+                with suppress(RedisError):
+                    await self._pubsub.unsubscribe(channel)
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                message = await self._pubsub.get_message(timeout=1.0)
+            except RedisError:
+                log.warning("event hub lost Redis; resubscribing")
+                await asyncio.sleep(0.5)
+                continue
+            if message is None or message["type"] != "message":
+                continue
+            channel = message["channel"].decode()
+            event = json.loads(message["data"])
+            for queue in self._listeners.get(channel, ()):
+                queue.put_nowait(event)

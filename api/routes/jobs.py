@@ -1,0 +1,162 @@
+"""/v1/jobs: submit, read (optionally waiting for the end), cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response, status
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import HubDep, OwnerDep, RedisDep, SettingsDep, StoreDep
+from api.schemas import ErrorResponse, JobCreate, JobPublic, timestamp
+from api.submission import build_record, new_job_id, publish
+from core import keys
+from core.errors import IdempotencyConflict, JobNotFound
+from core.jobs import TERMINAL, JobStatus, JobStore
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+NOT_FOUND = {404: {"model": ErrorResponse, "description": "Unknown job"}}
+
+
+def job_public(record: dict[str, str], base_url: str) -> JobPublic:
+    return JobPublic(
+        id=record["id"],
+        url=f"{base_url}/v1/jobs/{record['id']}",
+        status=record["status"],
+        task_type=record["task_type"],
+        runtime=record["runtime"],
+        queue=record["queue"],
+        priority=int(record["priority"]),
+        metadata=json.loads(record.get("metadata", "{}")),
+        created_at=timestamp(record["created_at"]),
+        started_at=timestamp(record.get("started_at")),
+        finished_at=timestamp(record.get("finished_at")),
+        attempts=int(record.get("attempts", 0)),
+        result=json.loads(record["result"]) if "result" in record else None,
+        error=json.loads(record["error"]) if "error" in record else None,
+    )
+
+
+def base_url(request: Request, public_url: str | None) -> str:
+    return (public_url or str(request.base_url)).rstrip("/")
+
+
+async def read_job(store: JobStore, job_id: str, owner: str) -> dict[str, str]:
+    record = await store.get(job_id)
+    if record is None or record.get("owner", owner) != owner:
+        raise JobNotFound(f"no job {job_id!r}")
+    return record
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobPublic,
+    responses={409: {"model": ErrorResponse, "description": "Idempotency-Key reused"}},
+)
+async def create_job(
+    job: JobCreate,
+    request: Request,
+    response: Response,
+    settings: SettingsDep,
+    store: StoreDep,
+    redis: RedisDep,
+    owner: OwnerDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> JobPublic:
+    """Queue a job; answers at once with its id and URL. Poll the URL or wait on it."""
+    job_id = new_job_id()
+    record = build_record(job, job_id, settings, owner)
+    if idempotency_key:
+        fingerprint = hashlib.sha256(job.model_dump_json().encode()).hexdigest()
+        existing = await claim_idempotency_key(
+            redis, owner, idempotency_key, job_id, fingerprint, settings.result_ttl_s
+        )
+        if existing is not None:
+            response.headers["Idempotent-Replayed"] = "true"
+            replayed = await store.get(existing)
+            if replayed is not None:
+                return job_public(replayed, base_url(request, settings.public_url))
+            # The first attempt died before storing its job: finish its work under its id.
+            record["id"] = job_id = existing
+    await run_in_threadpool(publish, record, settings.flower_show_content)
+    await store.create(job_id, record)
+    url = base_url(request, settings.public_url)
+    response.headers["Location"] = f"{url}/v1/jobs/{job_id}"
+    return job_public(await read_job(store, job_id, owner), url)
+
+
+async def claim_idempotency_key(
+    redis: RedisDep, owner: str, key: str, job_id: str, fingerprint: str, ttl: int
+) -> str | None:
+    """None when ``key`` is new (now bound to ``job_id``), else the job it already names."""
+    redis_key = keys.idempotency(owner, key)
+    if await redis.set(redis_key, f"{job_id} {fingerprint}", nx=True, ex=ttl):
+        return None
+    existing_id, existing_fingerprint = (await redis.get(redis_key)).decode().split()
+    if existing_fingerprint != fingerprint:
+        raise IdempotencyConflict(
+            "this Idempotency-Key was used for a different request; use a new key"
+        )
+    return existing_id
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses=NOT_FOUND)
+async def get_job(
+    job_id: str,
+    request: Request,
+    settings: SettingsDep,
+    store: StoreDep,
+    hub: HubDep,
+    owner: OwnerDep,
+    wait: Annotated[
+        float, Query(ge=0, le=60, description="Seconds to wait for the job to end.")
+    ] = 0,
+) -> JobPublic:
+    """The job's status, timestamps and result or error. With ``wait``, answers as soon as
+    the job ends (or when ``wait`` seconds have passed), instead of polling."""
+    record = await read_job(store, job_id, owner)
+    if wait and record["status"] not in TERMINAL:
+        record = await wait_for_end(store, hub, job_id, owner, wait)
+    return job_public(record, base_url(request, settings.public_url))
+
+
+async def wait_for_end(
+    store: JobStore, hub: HubDep, job_id: str, owner: str, timeout: float
+) -> dict[str, str]:
+    async with hub.listen(keys.job_events(job_id)) as events:
+        record = await read_job(store, job_id, owner)  # re-read: subscribed now, no gap
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while record["status"] not in TERMINAL:
+                    event = await events.get()
+                    if event.get("type") == "status" and event["status"] in TERMINAL:
+                        record = await read_job(store, job_id, owner)
+        return record
+
+
+@router.delete("/{job_id}", response_model=JobPublic, responses=NOT_FOUND)
+async def cancel_job(
+    job_id: str,
+    request: Request,
+    settings: SettingsDep,
+    store: StoreDep,
+    hub: HubDep,
+    owner: OwnerDep,
+) -> JobPublic:
+    """Cancel a job. A queued job never runs; a running one stops at its next token or
+    stream chunk. Answers once the job reads ``cancelled`` (or after 10 s)."""
+    await read_job(store, job_id, owner)
+    if await store.cancel(job_id) == JobStatus.RUNNING:
+        record = await wait_for_end(store, hub, job_id, owner, 10.0)
+    else:
+        record = await read_job(store, job_id, owner)
+    return job_public(record, base_url(request, settings.public_url))
+
+
+__all__ = ["router", "job_public", "read_job", "base_url"]

@@ -1,0 +1,114 @@
+"""The wire protocol of the job API: pydantic models only, no serving logic."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from core.settings import settings
+
+TaskType = Literal["reasoning", "math", "coding", "chat"]
+RuntimeName = Literal["vllm", "ollama", "onnx"]
+JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=settings.max_prompt_chars)
+
+
+class JobCreate(BaseModel):
+    """A generation to run. Parameters left out come from the task profile."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    prompt: str | None = Field(None, min_length=1, max_length=settings.max_prompt_chars)
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256)
+    task_type: TaskType = "chat"
+    runtime: RuntimeName | None = Field(None, description="Omitted: the configured default.")
+    model: str | None = Field(None, min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1, le=settings.max_tokens_limit)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0, le=1000)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: list[str] | None = Field(None, max_length=8)
+    priority: int = Field(5, ge=0, le=9, description="0 lowest, 9 highest.")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Echoed back as given.")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings_sane(cls, value: list[str] | None) -> list[str] | None:
+        if value and any(not s or len(s) > 128 for s in value):
+            raise ValueError("each stop string must be 1-128 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _prompt_xor_messages(self) -> JobCreate:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        return self
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Timings(BaseModel):
+    queue_wait_s: float
+    time_to_first_token_s: float | None
+    run_s: float
+    backend_s: float
+    tokens_per_s: float | None
+
+
+class JobResult(BaseModel):
+    text: str
+    finish_reason: Literal["stop", "length", "cancelled"]
+    usage: Usage
+    runtime: str
+    model: str
+    worker: str
+    timings: Timings
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    retryable: bool
+
+
+class JobPublic(BaseModel):
+    id: str
+    url: str
+    status: JobStatusName
+    task_type: str
+    runtime: str
+    queue: str
+    priority: int
+    metadata: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    attempts: int = 0
+    result: JobResult | None = None
+    error: JobError | None = None
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+    code: str
+
+
+def timestamp(value: str | None) -> datetime | None:
+    return datetime.fromtimestamp(float(value), UTC) if value else None

@@ -1,0 +1,167 @@
+"""Job state: one Redis hash per job, changed only by the atomic scripts below.
+
+The hash is the single source of truth the API reads. Its fields are flat strings; JSON
+fields (``request``, ``metadata``, ``result``, ``error``) hold serialised objects.
+
+Life of a job::
+
+    queued --start--> running --finish--> succeeded | failed | cancelled
+       \\--cancel--> cancelled            (a running job is cancelled cooperatively)
+
+Every transition publishes a status event on ``keys.job_events(id)`` in the same script,
+so a subscriber never misses the change it is waiting for. ``run_id`` fences each
+delivery: a late writer from a superseded run (its worker was presumed dead) can't
+overwrite the state of the run that replaced it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from enum import StrEnum
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from core import keys
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+# ARGV: field, value, field, value ... — fields already present are kept, so the API and a
+# fast worker can write the same job in either order.
+_CREATE = """
+for i = 1, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+# ARGV: now, run_id, max_attempts, ttl, redelivered (0/1), spec field/value pairs...
+# Returns {outcome, attempts}; outcome is 'running', 'poison', 'duplicate' (a second message
+# for a job already running, not a redelivery) or the terminal status found.
+_START = """
+for i = 6, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'queued' and status ~= 'running' then return {status, 0} end
+if status == 'running' and ARGV[5] == '0' then return {'duplicate', 0} end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+if attempts > tonumber(ARGV[3]) then
+  local err = cjson.encode({code = 'poison_job', retryable = false,
+    message = 'the worker running this job died ' .. (attempts - 1) ..
+              ' times; not retried again'})
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[1], 'error', err)
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  redis.call('PUBLISH', KEYS[2], cjson.encode({type = 'status', status = 'failed'}))
+  return {'poison', attempts}
+end
+redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'run_id', ARGV[2])
+redis.call('PUBLISH', KEYS[2], cjson.encode({type = 'status', status = 'running'}))
+return {'running', attempts}
+"""
+
+# ARGV: run_id, status, now, ttl, field/value pairs to store (result or error)...
+_FINISH = """
+if redis.call('HGET', KEYS[1], 'run_id') ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3])
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('PUBLISH', KEYS[2], cjson.encode({type = 'status', status = ARGV[2]}))
+return 1
+"""
+
+# ARGV: now, ttl. Returns the status after the call, or false for an unknown job.
+_CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return false end
+if status == 'queued' then
+  local err = cjson.encode({code = 'cancelled', retryable = false,
+                            message = 'cancelled before it ran'})
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1], 'error', err)
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  redis.call('PUBLISH', KEYS[2], cjson.encode({type = 'status', status = 'cancelled'}))
+  return 'cancelled'
+end
+if status == 'running' then redis.call('HSET', KEYS[1], 'cancel_requested', '1') end
+return status
+"""
+
+
+def _pairs(mapping: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for field, value in mapping.items():
+        if value is None:
+            continue
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value, separators=(",", ":"))
+        out += [field, str(value)]
+    return out
+
+
+class JobStore:
+    """Reads and changes job hashes. One per process, over a shared async Redis client."""
+
+    def __init__(self, redis: aioredis.Redis, result_ttl_s: int) -> None:
+        self.redis = redis
+        self.result_ttl_s = result_ttl_s
+        self._create = redis.register_script(_CREATE)
+        self._start = redis.register_script(_START)
+        self._finish = redis.register_script(_FINISH)
+        self._cancel = redis.register_script(_CANCEL)
+
+    async def create(self, job_id: str, record: dict[str, Any], pipe: Any = None) -> None:
+        await self._create(keys=[keys.job(job_id)], args=_pairs(record), client=pipe)
+
+    async def get(self, job_id: str) -> dict[str, str] | None:
+        record = await self.redis.hgetall(keys.job(job_id))
+        return decode(record) if record else None
+
+    async def start(
+        self,
+        job_id: str,
+        run_id: str,
+        max_attempts: int,
+        spec: dict[str, Any],
+        redelivered: bool,
+    ) -> tuple[str, int]:
+        """Mark the job running for ``run_id``; a redelivery takes over a running job whose
+        worker died, a plain duplicate message does not."""
+        outcome, attempts = await self._start(
+            keys=[keys.job(job_id), keys.job_events(job_id)],
+            args=[
+                time.time(), run_id, max_attempts, self.result_ttl_s, int(redelivered),
+                *_pairs(spec),
+            ],
+        )
+        return _str(outcome), int(attempts)
+
+    async def finish(
+        self, job_id: str, run_id: str, status: JobStatus, fields: dict[str, Any]
+    ) -> bool:
+        done = await self._finish(
+            keys=[keys.job(job_id), keys.job_events(job_id)],
+            args=[run_id, status.value, time.time(), self.result_ttl_s, *_pairs(fields)],
+        )
+        return bool(done)
+
+    async def cancel(self, job_id: str) -> str | None:
+        status = await self._cancel(
+            keys=[keys.job(job_id), keys.job_events(job_id)],
+            args=[time.time(), self.result_ttl_s],
+        )
+        return _str(status) if status else None
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def decode(record: dict[bytes | str, bytes | str]) -> dict[str, str]:
+    return {_str(k): _str(v) for k, v in record.items()}

@@ -1,0 +1,254 @@
+"""Runs jobs for one worker process on a single asyncio loop.
+
+Celery's thread pool hands each job to ``Executor.run``, which parks the thread on a
+coroutine of the shared loop. Every generation of the process shares that loop, one
+client per runtime and one Redis connection pool, so a process keeps
+``REASONQ_WORKER_CONCURRENCY`` generations in flight for the CPU cost of a single thread.
+
+A control loop does, in one Redis round trip for all running jobs: pick up cancel
+requests, notice event-stream watchers (tokens are published only while someone
+watches), publish buffered tokens, renew the jobs' broker leases and semaphore slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from core import keys
+from core.errors import BackendRejected, BackendUnavailable
+from core.jobs import JobStatus, JobStore
+from core.settings import Settings
+from runtimes.base import Completion, GenerationRequest, Runtime
+from runtimes.registry import create_runtime
+from workers import metrics
+from workers.semaphore import BackendSemaphore
+
+log = logging.getLogger("reasonq.worker")
+
+
+@dataclass
+class RunningJob:
+    job_id: str
+    delivery_tag: str | None
+    cancelled: bool = False
+    watched: bool = False
+    # Appended from any thread (the ONNX engine calls back from its own); list.append is atomic.
+    pending_tokens: list[str] = field(default_factory=list)
+
+
+class Executor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.running: dict[str, RunningJob] = {}
+        self._runtimes: dict[str, Runtime] = {}
+        self._runtime_lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = threading.Lock()
+        self._last_lease_renewal = 0.0
+
+    # --- the loop thread ------------------------------------------------------------
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        # Lazy: Celery kills a pool child whose start-up takes more than a few seconds.
+        with self._started:
+            if self._loop is None:
+                ready = threading.Event()
+                threading.Thread(
+                    target=self._serve, args=(ready,), name="reasonq-loop", daemon=True
+                ).start()
+                ready.wait()
+        assert self._loop is not None
+        return self._loop
+
+    def _serve(self, ready: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self.redis = aioredis.from_url(
+            self.settings.redis_url, max_connections=self.settings.worker_concurrency + 16
+        )
+        self.store = JobStore(self.redis, self.settings.result_ttl_s)
+        self.semaphore = BackendSemaphore(self.redis, self.settings.backend_max_inflight)
+        self._loop = loop
+        loop.create_task(self._control_loop())
+        ready.set()
+        loop.run_forever()
+
+    def run(
+        self, job_id: str, spec: dict[str, Any], delivery_tag: str | None, redelivered: bool
+    ) -> dict[str, Any]:
+        """Run one job to its end; called from a Celery pool thread. Returns a summary."""
+        loop = self._ensure_loop()
+        coroutine = self._run(job_id, spec, delivery_tag, redelivered)
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
+
+    # --- one job --------------------------------------------------------------------
+    async def _run(
+        self, job_id: str, spec: dict[str, Any], delivery_tag: str | None, redelivered: bool
+    ) -> dict[str, Any]:
+        run_id = uuid.uuid4().hex
+        outcome, attempts = await self.store.start(
+            job_id, run_id, self.settings.max_attempts, spec, redelivered
+        )
+        if outcome != JobStatus.RUNNING:
+            log.info("job %s not run: %s", job_id, outcome)
+            return {"job_id": job_id, "status": outcome}
+        runtime_name = spec["runtime"]
+        request = GenerationRequest(**spec["request"])
+        job = RunningJob(job_id, delivery_tag)
+        self.running[job_id] = job
+        started = time.time()
+        metrics.QUEUE_WAIT.labels(runtime_name).observe(max(0.0, started - spec["created_at"]))
+        status, fields = JobStatus.FAILED, {}
+        try:
+            completion, backend_s = await asyncio.wait_for(
+                self._generate(runtime_name, request, job), self.settings.job_deadline_s
+            )
+            status = (
+                JobStatus.CANCELLED
+                if completion.finish_reason == "cancelled"
+                else JobStatus.SUCCEEDED
+            )
+            fields = {"result": _result(completion, runtime_name, backend_s, spec, started)}
+            metrics.observe_completion(runtime_name, completion, time.time() - started)
+        except BackendRejected as exc:
+            fields = {"error": _error(exc.code, str(exc), retryable=False)}
+        except BackendUnavailable as exc:
+            fields = {"error": _error(exc.code, f"{exc} (gave up after retries)", True)}
+        except TimeoutError:
+            fields = {
+                "error": _error(
+                    "deadline_exceeded",
+                    f"still running after {self.settings.job_deadline_s:g} s; stopped",
+                    retryable=True,
+                )
+            }
+        except Exception as exc:  # a worker never dies of one job
+            log.exception("job %s crashed", job_id)
+            fields = {"error": _error("internal_error", f"{type(exc).__name__}: {exc}", False)}
+        finally:
+            del self.running[job_id]
+        await self._flush_tokens(job)
+        finished = await self.store.finish(job_id, run_id, status, fields)
+        if finished:
+            metrics.JOBS.labels(status=status.value, runtime=runtime_name).inc()
+        return {"job_id": job_id, "status": status.value, "attempts": attempts}
+
+    async def _generate(
+        self, runtime_name: str, request: GenerationRequest, job: RunningJob
+    ) -> tuple[Completion, float]:
+        """One generation, retried with exponential backoff and jitter on backend outages.
+
+        The semaphore slot is released while waiting, so a down backend holds no capacity.
+        """
+        runtime = await self._runtime(runtime_name)
+        s = self.settings
+        for attempt in range(1, s.retry_max_attempts + 1):
+            try:
+                async with self.semaphore.slot(runtime_name):
+                    began = time.perf_counter()
+                    completion = await runtime.generate(
+                        request, job.pending_tokens.append, lambda: job.cancelled
+                    )
+                    return completion, time.perf_counter() - began
+            except BackendUnavailable as exc:
+                metrics.BACKEND_ERRORS.labels(runtime=runtime_name, code=exc.code).inc()
+                if attempt == s.retry_max_attempts:
+                    raise
+                delay = min(s.retry_backoff_max_s, s.retry_backoff_s * 2 ** (attempt - 1))
+                delay *= random.uniform(0.5, 1.0)
+                delay = max(delay, getattr(exc, "retry_after", None) or 0.0)
+                log.warning("job %s: %s; retry %d in %.2f s", job.job_id, exc, attempt, delay)
+                metrics.RETRIES.labels(runtime=runtime_name).inc()
+                deadline = time.monotonic() + delay
+                while time.monotonic() < deadline and not job.cancelled:
+                    await asyncio.sleep(min(0.05, delay))
+                if job.cancelled:
+                    return Completion("", "cancelled", 0, 0, request.model or ""), 0.0
+        raise AssertionError("unreachable")
+
+    async def _runtime(self, name: str) -> Runtime:
+        if name not in self._runtimes:
+            async with self._runtime_lock:
+                if name not in self._runtimes:
+                    self._runtimes[name] = create_runtime(name, self.settings)
+        return self._runtimes[name]
+
+    # --- control loop ---------------------------------------------------------------
+    async def _control_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.control_interval_s)
+            if not self.running:
+                continue
+            try:
+                await self._control_once()
+            except Exception:  # Redis blips must not kill the loop
+                log.exception("control loop")
+
+    async def _control_once(self) -> None:
+        jobs = list(self.running.values())
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job in jobs:
+                pipe.hget(keys.job(job.job_id), "cancel_requested")
+                pipe.exists(keys.job_watchers(job.job_id))
+            now = time.time()
+            renew = now - self._last_lease_renewal > self.settings.visibility_timeout_s / 4
+            if renew:
+                self._last_lease_renewal = now
+                tags = {job.delivery_tag: now for job in jobs if job.delivery_tag}
+                if tags:
+                    pipe.zadd(keys.UNACKED_INDEX, tags, xx=True)
+                self.semaphore.renew(pipe, now)
+            replies = await pipe.execute()
+        for i, job in enumerate(jobs):
+            job.cancelled = job.cancelled or replies[2 * i] is not None
+            job.watched = bool(replies[2 * i + 1])
+        await asyncio.gather(*(self._flush_tokens(job) for job in jobs if job.watched))
+
+    async def _flush_tokens(self, job: RunningJob) -> None:
+        if not job.pending_tokens:
+            return
+        count = len(job.pending_tokens)
+        text = "".join(job.pending_tokens[:count])
+        del job.pending_tokens[:count]
+        if job.watched:
+            event = json.dumps({"type": "token", "text": text})
+            await self.redis.publish(keys.job_events(job.job_id), event)
+
+
+def _error(code: str, message: str, retryable: bool) -> dict[str, Any]:
+    return {"code": code, "message": message, "retryable": retryable}
+
+
+def _result(
+    completion: Completion, runtime: str, backend_s: float, spec: dict, started: float
+) -> dict[str, Any]:
+    run_s = time.time() - started
+    return {
+        "text": completion.text,
+        "finish_reason": completion.finish_reason,
+        "usage": {
+            "prompt_tokens": completion.prompt_tokens,
+            "completion_tokens": completion.completion_tokens,
+        },
+        "runtime": runtime,
+        "model": completion.model,
+        "worker": metrics.HOSTNAME,
+        "timings": {
+            "queue_wait_s": round(max(0.0, started - spec["created_at"]), 6),
+            "time_to_first_token_s": completion.time_to_first_token_s,
+            "run_s": round(run_s, 6),
+            "backend_s": round(backend_s, 6),
+            "tokens_per_s": round(completion.completion_tokens / backend_s, 3)
+            if backend_s > 0
+            else None,
+        },
+    }

@@ -1,0 +1,59 @@
+"""A counting semaphore in Redis, shared by every worker that talks to one backend.
+
+Holders are members of a sorted set scored by their last renewal; a holder whose worker
+died stops being renewed and its slot is reclaimed after ``lease_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+
+from core import keys
+
+# ARGV: now, lease_s, limit, token. Returns 1 when the slot was taken.
+_ACQUIRE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1] - ARGV[2])
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[3]) then
+  redis.call('ZADD', KEYS[1], ARGV[1], ARGV[4])
+  return 1
+end
+return 0
+"""
+
+
+class BackendSemaphore:
+    def __init__(self, redis: aioredis.Redis, limit: int, lease_s: float = 60.0) -> None:
+        self.redis = redis
+        self.limit = limit
+        self.lease_s = lease_s
+        self.held: dict[str, str] = {}  # token -> key, renewed by the worker's control loop
+        self._acquire = redis.register_script(_ACQUIRE)
+
+    @asynccontextmanager
+    async def slot(self, backend: str) -> AsyncIterator[None]:
+        key, token = keys.inflight(backend), uuid.uuid4().hex
+        delay = 0.005
+        while not await self._acquire(
+            keys=[key], args=[time.time(), self.lease_s, self.limit, token]
+        ):
+            # Back off while the backend is full, so waiters don't hammer Redis.
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 0.25)
+        self.held[token] = key
+        try:
+            yield
+        finally:
+            del self.held[token]
+            await self.redis.zrem(key, token)
+
+    def renew(self, pipe: aioredis.client.Pipeline, now: float) -> None:
+        """Queue lease renewals for every held slot on ``pipe``."""
+        for token, key in self.held.items():
+            pipe.zadd(key, {token: now}, xx=True)

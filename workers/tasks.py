@@ -1,0 +1,20 @@
+"""The one Celery task: run a job by id. Thin on purpose; the work is in ``executor``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core.broker import RUN_JOB, app
+from core.settings import settings
+from workers.executor import Executor
+
+executor = Executor(settings)
+
+
+@app.task(name=RUN_JOB, bind=True)
+def run_job(self: Any, job_id: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Run job ``job_id``; ``spec`` is its full record, so a worker never depends on the
+    API having finished writing the job hash."""
+    delivery_tag = (self.request.properties or {}).get("delivery_tag")
+    redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+    return executor.run(job_id, spec, delivery_tag, redelivered)
