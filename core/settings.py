@@ -122,6 +122,10 @@ class Settings(BaseSettings):
     onnx_max_length: int = Field(
         4096, description="KV-cache length per sequence (prompt + new tokens)."
     )
+    onnx_prefill_chunk: int = Field(
+        512,
+        description="Prompt tokens per prefill forward pass (bounds the prompt logits' memory).",
+    )
 
     # --- API ---------------------------------------------------------------------------
     api_host: str = Field("127.0.0.1", description="Where `make run` binds the API.")
