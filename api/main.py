@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from api.events import EventHub
@@ -46,6 +47,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def reasonq_error(request: Request, exc: ReasonqError) -> JSONResponse:
         code = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 500)
         return JSONResponse({"detail": str(exc), "code": exc.code}, status_code=code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Field and reason only: echoing the input could leak prompts into logs, and a NaN
+        # in it can't be written as JSON.
+        detail = [{"loc": e["loc"], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
 
     app.include_router(health.router)
     app.include_router(jobs.router)

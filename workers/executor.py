@@ -13,6 +13,7 @@ watches), publish buffered tokens, renew the jobs' broker leases and semaphore s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -36,14 +37,23 @@ from workers.semaphore import BackendSemaphore
 log = logging.getLogger("reasonq.worker")
 
 
+# A runtime stops at its next token; one stuck waiting on its backend is cut off after this.
+CANCEL_GRACE_S = 1.0
+
+
 @dataclass
 class RunningJob:
     job_id: str
     delivery_tag: str | None
-    cancelled: bool = False
+    cancel_requested: asyncio.Event = field(default_factory=asyncio.Event)
     watched: bool = False
     # Appended from any thread (the ONNX engine calls back from its own); list.append is atomic.
-    pending_tokens: list[str] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
+    published: int = 0  # tokens[:published] went out as events
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_requested.is_set()
 
 
 class Executor:
@@ -155,9 +165,7 @@ class Executor:
             try:
                 async with self.semaphore.slot(runtime_name):
                     began = time.perf_counter()
-                    completion = await runtime.generate(
-                        request, job.pending_tokens.append, lambda: job.cancelled
-                    )
+                    completion = await self._cancellable(runtime, request, job)
                     return completion, time.perf_counter() - began
             except BackendUnavailable as exc:
                 metrics.BACKEND_ERRORS.labels(runtime=runtime_name, code=exc.code).inc()
@@ -174,6 +182,27 @@ class Executor:
                 if job.cancelled:
                     return Completion("", "cancelled", 0, 0, request.model or ""), 0.0
         raise AssertionError("unreachable")
+
+    async def _cancellable(
+        self, runtime: Runtime, request: GenerationRequest, job: RunningJob
+    ) -> Completion:
+        generation = asyncio.ensure_future(
+            runtime.generate(request, job.tokens.append, lambda: job.cancelled)
+        )
+        cancel = asyncio.ensure_future(job.cancel_requested.wait())
+        try:
+            await asyncio.wait({generation, cancel}, return_when=asyncio.FIRST_COMPLETED)
+            if not generation.done():
+                await asyncio.wait({generation}, timeout=CANCEL_GRACE_S)
+            if not generation.done():
+                generation.cancel()  # closes the backend stream, so it stops generating
+                with contextlib.suppress(asyncio.CancelledError):
+                    await generation
+                text = "".join(job.tokens)
+                return Completion(text, "cancelled", 0, len(job.tokens), request.model or "")
+            return generation.result()
+        finally:
+            cancel.cancel()
 
     async def _runtime(self, name: str) -> Runtime:
         if name not in self._runtimes:
@@ -209,19 +238,19 @@ class Executor:
                 self.semaphore.renew(pipe, now)
             replies = await pipe.execute()
         for i, job in enumerate(jobs):
-            job.cancelled = job.cancelled or replies[2 * i] is not None
+            if replies[2 * i] is not None:
+                job.cancel_requested.set()
             job.watched = bool(replies[2 * i + 1])
         await asyncio.gather(*(self._flush_tokens(job) for job in jobs if job.watched))
 
     async def _flush_tokens(self, job: RunningJob) -> None:
-        if not job.pending_tokens:
+        end = len(job.tokens)
+        if not job.watched or end == job.published:
             return
-        count = len(job.pending_tokens)
-        text = "".join(job.pending_tokens[:count])
-        del job.pending_tokens[:count]
-        if job.watched:
-            event = json.dumps({"type": "token", "text": text})
-            await self.redis.publish(keys.job_events(job.job_id), event)
+        text = "".join(job.tokens[job.published : end])
+        job.published = end
+        event = json.dumps({"type": "token", "text": text})
+        await self.redis.publish(keys.job_events(job.job_id), event)
 
 
 def _error(code: str, message: str, retryable: bool) -> dict[str, Any]:

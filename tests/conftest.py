@@ -1,0 +1,83 @@
+"""Session-wide real services: redis-server, vLLM and Ollama stand-ins, Celery workers on
+the `cpu` and `gpu` queues, and the API under uvicorn. Nothing is faked but the two
+inference servers that cannot run here."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.cluster import RedisServer, Service, service_env, start_api, start_worker
+from tests.standins.server_thread import StandInProcess
+
+ROUTING = {"onnx": "cpu", "ollama": "cpu", "vllm": "gpu"}
+
+
+@dataclass
+class Stack:
+    redis: RedisServer
+    vllm: StandInProcess
+    ollama: StandInProcess
+    workers: dict[str, Service]
+    api: Service
+    url: str
+    env: dict[str, str]
+    log_dir: Path
+
+    def client(self, **kwargs: object) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("services")
+
+
+@pytest.fixture(scope="session")
+def stack(log_dir: Path) -> Iterator[Stack]:
+    redis_server = RedisServer(log_dir).start()
+    # Fast engine steps keep the suite quick; lengths are fixed so answers are predictable.
+    vllm = StandInProcess(
+        "tests.standins.openai_server", "--step-base-s", "0.002", "--step-per-seq-s", "0",
+        "--output-len", "uniform:8:24",
+    ).start()
+    ollama = StandInProcess("tests.standins.ollama_server").start()
+    env = service_env(
+        redis_server.url,
+        runtime_queues=ROUTING,
+        vllm_url=vllm.url,
+        ollama_url=ollama.url,
+        worker_metrics_port=0,
+        retry_backoff_s=0.05,
+        retry_backoff_max_s=0.2,
+        retry_max_attempts=4,
+    )
+    workers = {
+        "cpu": start_worker("cpu", ["cpu"], env, log_dir),
+        "gpu": start_worker("gpu", ["gpu"], env, log_dir),
+    }
+    api, url = start_api(env, log_dir)
+    stack = Stack(redis_server, vllm, ollama, workers, api, url, env, log_dir)
+    yield stack
+    api.stop()
+    for worker in workers.values():
+        worker.stop()
+    vllm.stop()
+    ollama.stop()
+    redis_server.stop()
+
+
+def wait_for_job(client: httpx.Client, job_id: str, timeout: float = 30) -> dict:
+    """Poll a job until it ends, as a user would."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in {"succeeded", "failed", "cancelled"}:
+            return job
+        time.sleep(0.05)
+    raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")

@@ -1,0 +1,176 @@
+"""End to end through real processes: API (uvicorn) -> Redis -> Celery workers -> stand-ins."""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import pytest
+
+from tests.conftest import Stack, wait_for_job
+
+
+def submit(client: httpx.Client, **job: object) -> dict:
+    response = client.post("/v1/jobs", json=job)
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+@pytest.mark.parametrize("runtime", ["vllm", "ollama"])
+def test_submit_poll_answer(stack: Stack, runtime: str) -> None:
+    with stack.client() as client:
+        created = submit(
+            client,
+            prompt="A train travels 240 km in 3 hours. How fast is it?",
+            runtime=runtime,
+            task_type="math",
+            metadata={"row": 7},
+        )
+        assert created["status"] == "queued"
+        assert created["url"] == f"{stack.url}/v1/jobs/{created['id']}"
+        job = wait_for_job(client, created["id"])
+    assert job["status"] == "succeeded", job
+    result = job["result"]
+    assert result["text"]
+    assert result["runtime"] == runtime
+    assert result["usage"]["completion_tokens"] > 0
+    assert result["usage"]["prompt_tokens"] > 0
+    assert result["finish_reason"] in {"stop", "length"}
+    timings = result["timings"]
+    assert timings["queue_wait_s"] >= 0
+    assert timings["run_s"] >= timings["backend_s"] > 0
+    assert timings["time_to_first_token_s"] is not None
+    assert job["metadata"] == {"row": 7}
+    assert job["queue"] == ("gpu" if runtime == "vllm" else "cpu")
+    assert job["started_at"] and job["finished_at"]
+
+
+def test_profile_and_overrides_reach_the_backend(stack: Stack) -> None:
+    httpx.delete(f"{stack.vllm.url}/_standin/requests")
+    with stack.client() as client:
+        job = submit(
+            client, prompt="Write a Python function to add two numbers.", runtime="vllm",
+            task_type="coding", temperature=0.1, top_k=20, seed=42, stop=["\n\n"],
+        )
+        assert wait_for_job(client, job["id"])["status"] == "succeeded"
+    body = httpx.get(f"{stack.vllm.url}/_standin/requests").json()[-1]["body"]
+    assert body["messages"][0]["role"] == "system"
+    assert "coding assistant" in body["messages"][0]["content"]  # the coding profile
+    assert body["temperature"] == 0.1  # the job's own value beats the profile's 0.5
+    assert body["top_p"] == 0.9  # from the profile
+    assert body["top_k"] == 20 and body["seed"] == 42 and body["stop"] == ["\n\n"]
+
+
+def test_wait_returns_when_the_job_ends(stack: Stack) -> None:
+    with stack.client() as client:
+        job = submit(client, prompt="hi", runtime="vllm")
+        waited = client.get(f"/v1/jobs/{job['id']}", params={"wait": 20}).json()
+    assert waited["status"] == "succeeded"
+
+
+def test_idempotency_key_returns_the_same_job(stack: Stack) -> None:
+    key = uuid.uuid4().hex
+    with stack.client() as client:
+        first = client.post(
+            "/v1/jobs", json={"prompt": "once", "runtime": "vllm"},
+            headers={"Idempotency-Key": key},
+        )
+        again = client.post(
+            "/v1/jobs", json={"prompt": "once", "runtime": "vllm"},
+            headers={"Idempotency-Key": key},
+        )
+        other = client.post(
+            "/v1/jobs", json={"prompt": "something else", "runtime": "vllm"},
+            headers={"Idempotency-Key": key},
+        )
+    assert first.status_code == again.status_code == 202
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert other.status_code == 409 and other.json()["code"] == "idempotency_conflict"
+
+
+def test_unknown_job_is_404(stack: Stack) -> None:
+    with stack.client() as client:
+        assert client.get("/v1/jobs/nope").status_code == 404
+        assert client.delete("/v1/jobs/nope").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "body"),
+        ({"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, "body"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "x", "temperature": 5}, "temperature"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": 10**9}, "max_tokens"),
+        ({"prompt": "x", "priority": 10}, "priority"),
+        ({"prompt": "x", "task_type": "poetry"}, "task_type"),
+        ({"prompt": "x", "runtime": "tgi"}, "runtime"),
+        ({"prompt": "x", "unknown_field": 1}, "unknown_field"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
+    ],
+)
+def test_validation_errors_name_the_field(stack: Stack, body: dict, field: str) -> None:
+    with stack.client() as client:
+        response = client.post("/v1/jobs", json=body)
+    assert response.status_code == 422
+    errors = response.json()["detail"]
+    assert any(field in map(str, e["loc"]) for e in errors), errors
+    assert all(e["msg"] for e in errors)
+
+
+def test_nan_temperature_is_rejected(stack: Stack) -> None:
+    with stack.client() as client:
+        response = client.post(
+            "/v1/jobs", content=b'{"prompt": "x", "temperature": NaN}',
+            headers={"content-type": "application/json"},
+        )
+    assert response.status_code == 422
+
+
+def test_backend_4xx_fails_at_once_with_its_message(stack: Stack) -> None:
+    with stack.client() as client:
+        job = submit(client, prompt="hi", runtime="vllm", model="no-such-model")
+        job = wait_for_job(client, job["id"])
+    assert job["status"] == "failed"
+    assert job["error"]["retryable"] is False
+    assert "no-such-model" in job["error"]["message"]
+    assert job["attempts"] == 1
+
+
+def test_backend_errors_are_retried_then_succeed(stack: Stack) -> None:
+    httpx.post(f"{stack.ollama.url}/_standin/faults", json={"status": 503, "count": 2})
+    with stack.client() as client:
+        job = submit(client, prompt="retry me", runtime="ollama")
+        job = wait_for_job(client, job["id"])
+    assert job["status"] == "succeeded", job
+
+
+def test_backend_down_past_the_retry_budget_fails_retryable(stack: Stack) -> None:
+    httpx.post(f"{stack.vllm.url}/_standin/faults", json={"status": 500, "count": 10})
+    try:
+        with stack.client() as client:
+            job = submit(client, prompt="doomed", runtime="vllm")
+            job = wait_for_job(client, job["id"])
+    finally:
+        httpx.delete(f"{stack.vllm.url}/_standin/faults")
+    assert job["status"] == "failed"
+    assert job["error"]["retryable"] is True
+    assert job["error"]["code"] == "backend_unavailable"
+
+
+def test_readyz_names_queue_consumers(stack: Stack) -> None:
+    with stack.client() as client:
+        ready = client.get("/readyz")
+        assert client.get("/healthz").json() == {"status": "ok"}
+    assert ready.status_code == 200, ready.text
+    queues = ready.json()["queues"]
+    assert queues["cpu"] and queues["gpu"]
+
+
+def test_openapi_documents_the_job_api(stack: Stack) -> None:
+    with stack.client() as client:
+        paths = client.get("/openapi.json").json()["paths"]
+    assert {"post"} <= set(paths["/v1/jobs"])
+    assert {"get", "delete"} <= set(paths["/v1/jobs/{job_id}"])
