@@ -225,18 +225,19 @@ class OpenAIStandIn:
     async def _sse(
         self, meta: _Meta, reply: Reply, rec: RequestRecord, include_usage: bool
     ) -> AsyncIterator[bytes]:
-        yield _sse(meta.chunk({"role": "assistant", "content": ""}))
+        # As vLLM: nothing (not even the role chunk) until the engine has run the request.
+        role = _sse(meta.chunk({"role": "assistant", "content": ""}))
         total = len(reply.tokens)
         sent = 0
         async for batch in self._tokens(reply, rec):
-            out = []
+            out = [role] if sent == 0 else []
             for token in batch:
                 sent += 1
                 finish = reply.finish_reason if sent == total else None
                 out.append(_sse(meta.chunk({"content": token}, finish)))
             yield b"".join(out)
         if total == 0:
-            yield _sse(meta.chunk({"content": ""}, reply.finish_reason))
+            yield role + _sse(meta.chunk({"content": ""}, reply.finish_reason))
         if include_usage:
             yield _sse(meta.usage_chunk(total))
         yield b"data: [DONE]\n\n"

@@ -162,3 +162,41 @@ def serve(app: Any, args: argparse.Namespace) -> None:
         lifespan="off",
         timeout_keep_alive=args.timeout_keep_alive,
     )
+
+
+class StandInControl:
+    """Sync client for a stand-in's ``/_standin`` endpoints (see ``control.py``)."""
+
+    def __init__(self, url: str) -> None:
+        self.http = httpx.Client(base_url=url, timeout=10)
+
+    def inject(self, *faults: dict[str, Any]) -> None:
+        """Queue faults, e.g. ``inject({"status": 503, "count": 2})``."""
+        self.http.post("/_standin/faults", json=list(faults)).raise_for_status()
+
+    def reset(self) -> None:
+        """Clear queued faults and the request log."""
+        self.http.delete("/_standin/faults").raise_for_status()
+        self.http.delete("/_standin/requests").raise_for_status()
+
+    def requests(self, settled: bool = True, timeout_s: float = 5) -> list[dict[str, Any]]:
+        """The request log; ``settled`` waits until every request has ended (the server
+        notices a client's disconnect a moment after the client closed)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            log = self.http.get("/_standin/requests").json()
+            if not settled or all(r["ended_at"] for r in log) or time.monotonic() > deadline:
+                return log
+            time.sleep(0.01)
+
+    def stats(self) -> dict[str, Any]:
+        return self.http.get("/_standin/stats").json()
+
+    def wait_idle(self, timeout_s: float = 5) -> dict[str, Any]:
+        """Stats once no sequence runs or waits (aborts take effect at the next step)."""
+        deadline = time.monotonic() + timeout_s
+        while (stats := self.stats())["running"] or stats["waiting"]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"stand-in still busy: {stats}")
+            time.sleep(0.01)
+        return stats

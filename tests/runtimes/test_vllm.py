@@ -1,0 +1,317 @@
+"""VLLMRuntime against the OpenAI/vLLM stand-in on a real uvicorn server (no httpx mocks)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from core.errors import (
+    BackendBusy,
+    BackendRejected,
+    BackendUnavailable,
+    ContextTooLong,
+)
+from runtimes.base import GenerationRequest
+from runtimes.http import HTTPOptions, StreamState, backend_message, retry_after_s
+from runtimes.vllm import VLLMRuntime
+from tests.standins.engine import count_prompt_tokens, plan_reply
+from tests.standins.openai_server import OpenAIConfig, OpenAIStandIn
+from tests.standins.server_thread import ServerThread, StandInControl, free_port
+
+pytestmark = pytest.mark.anyio
+
+MODEL = "microsoft/Phi-4-mini-instruct"
+FAST = HTTPOptions(read_timeout_s=5, cancel_poll_s=0.02)
+
+
+def ask(text: str, **kwargs: object) -> GenerationRequest:
+    return GenerationRequest(messages=[{"role": "user", "content": text}], **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerThread]:
+    config = OpenAIConfig(step_base_s=0.001, step_per_seq_s=0, output_len="12")
+    with ServerThread(OpenAIStandIn(config).app) as srv:
+        yield srv
+
+
+@pytest.fixture
+def ctl(server: ServerThread) -> StandInControl:
+    control = StandInControl(server.url)
+    control.reset()
+    return control
+
+
+@pytest.fixture
+def slow_server() -> Iterator[ServerThread]:
+    """One sequence at a time, 20 ms a token, long answers: room to cancel and to queue."""
+    config = OpenAIConfig(max_num_seqs=1, step_base_s=0.02, step_per_seq_s=0, output_len="500")
+    with ServerThread(OpenAIStandIn(config).app) as srv:
+        yield srv
+
+
+async def test_streams_answer_usage_and_ttft(server: ServerThread, ctl: StandInControl) -> None:
+    runtime = VLLMRuntime(server.url, options=FAST)
+    pieces: list[str] = []
+    request = ask("echo: The train takes 2.4 hours")
+    started = time.perf_counter()
+    result = await runtime.generate(request, on_token=pieces.append)
+    elapsed = time.perf_counter() - started
+    await runtime.aclose()
+
+    assert result.text == " The train takes 2.4 hours"
+    assert pieces == [" The", " train", " takes", " 2.4", " hours"]
+    assert result.finish_reason == "stop"
+    assert result.completion_tokens == 5
+    assert result.prompt_tokens == count_prompt_tokens(request.messages)
+    assert result.model == MODEL
+    assert result.time_to_first_token_s is not None
+    assert 0 < result.time_to_first_token_s < elapsed
+
+
+async def test_length_limit_and_deterministic_text(
+    server: ServerThread, ctl: StandInControl
+) -> None:
+    runtime = VLLMRuntime(server.url, model=MODEL, options=FAST)
+    request = ask("What is 2 + 2?", max_tokens=5)
+    result = await runtime.generate(request)
+    await runtime.aclose()
+    expected = plan_reply(request.messages, natural_len=12, max_tokens=5)
+    assert (result.text, result.finish_reason, result.completion_tokens) == (
+        expected.text,
+        "length",
+        5,
+    )
+
+
+async def test_sampling_params_passed_through(server: ServerThread, ctl: StandInControl) -> None:
+    runtime = VLLMRuntime(server.url, model=MODEL, options=FAST)
+    await runtime.generate(
+        ask("hi", max_tokens=7, temperature=0.3, top_p=0.8, top_k=40, seed=11, stop=["\n\n"])
+    )
+    await runtime.generate(ask("hi"))  # defaults: no top_k, seed or stop on the wire
+    await runtime.aclose()
+    first, second = (r["body"] for r in ctl.requests())
+    assert first["model"] == MODEL
+    assert first["stream"] is True and first["stream_options"] == {"include_usage": True}
+    assert (first["max_tokens"], first["temperature"], first["top_p"]) == (7, 0.3, 0.8)
+    assert (first["top_k"], first["seed"], first["stop"]) == (40, 11, ["\n\n"])
+    assert first["messages"] == [{"role": "user", "content": "hi"}]
+    assert not {"top_k", "seed", "stop"} & second.keys()
+
+
+async def test_stop_string_honoured(server: ServerThread, ctl: StandInControl) -> None:
+    runtime = VLLMRuntime(server.url, options=FAST)
+    result = await runtime.generate(ask("echo: one two STOP three", stop=[" STOP"]))
+    await runtime.aclose()
+    assert (result.text, result.finish_reason) == (" one two", "stop")
+
+
+async def test_model_discovered_from_v1_models_once(
+    server: ServerThread, ctl: StandInControl
+) -> None:
+    runtime = VLLMRuntime(server.url, options=FAST)
+    first = await runtime.generate(ask("echo: a"))
+    second = await runtime.generate(ask("echo: b", model=MODEL))
+    await runtime.aclose()
+    assert first.model == second.model == MODEL
+    assert [r["body"]["model"] for r in ctl.requests()] == [MODEL, MODEL]
+    assert runtime._served_model == MODEL
+
+
+async def test_cancel_mid_stream_closes_the_stream(slow_server: ServerThread) -> None:
+    ctl = StandInControl(slow_server.url)
+    runtime = VLLMRuntime(slow_server.url, options=FAST)
+    pieces: list[str] = []
+    result = await runtime.generate(
+        ask("tell me everything"), on_token=pieces.append, is_cancelled=lambda: len(pieces) >= 3
+    )
+    await runtime.aclose()
+    assert result.finish_reason == "cancelled"
+    assert result.text == "".join(pieces) and len(pieces) == 3
+    (record,) = ctl.requests()
+    assert record["client_closed"] is True
+    assert record["completion_tokens"] < 20  # the server stopped generating, far from 500
+    ctl.wait_idle()  # the engine freed the slot
+
+
+async def test_cancel_while_queued_behind_another_request(slow_server: ServerThread) -> None:
+    ctl = StandInControl(slow_server.url)
+    runtime = VLLMRuntime(slow_server.url, model=MODEL, options=FAST)
+    running = asyncio.Event()
+    blocker = asyncio.ensure_future(
+        runtime.generate(ask("long one"), on_token=lambda _: running.set())
+    )
+    await asyncio.wait_for(running.wait(), 5)  # it holds the only slot now
+    deadline = time.monotonic() + 0.3
+    started = time.monotonic()
+    result = await runtime.generate(ask("queued"), is_cancelled=lambda: time.monotonic() > deadline)
+    waited = time.monotonic() - started
+    blocker.cancel()
+    await asyncio.gather(blocker, return_exceptions=True)
+    await runtime.aclose()
+    assert result.finish_reason == "cancelled" and result.text == ""
+    assert waited < 1.0  # not stuck until the queued request got a slot (~10 s)
+    queued = next(r for r in ctl.requests() if r["body"]["messages"][0]["content"] == "queued")
+    assert queued["client_closed"] is True and queued["completion_tokens"] == 0
+
+
+async def test_already_cancelled_sends_nothing(server: ServerThread, ctl: StandInControl) -> None:
+    runtime = VLLMRuntime(server.url, model=MODEL, options=FAST)
+    result = await runtime.generate(ask("hi"), is_cancelled=lambda: True)
+    await runtime.aclose()
+    assert result.finish_reason == "cancelled"
+    assert ctl.requests() == []
+
+
+async def test_unknown_model_is_rejected_with_vllm_message(
+    server: ServerThread, ctl: StandInControl
+) -> None:
+    runtime = VLLMRuntime(server.url, options=FAST)
+    with pytest.raises(BackendRejected, match="The model `nope` does not exist.") as info:
+        await runtime.generate(ask("hi", model="nope"))
+    await runtime.aclose()
+    assert not isinstance(info.value, ContextTooLong)
+    assert info.value.status_code == 404  # type: ignore[attr-defined]
+
+
+async def test_context_too_long(server: ServerThread, ctl: StandInControl) -> None:
+    runtime = VLLMRuntime(server.url, options=FAST)
+    with pytest.raises(ContextTooLong, match="maximum context length is 4096 tokens"):
+        await runtime.generate(ask("word " * 100, max_tokens=4090))
+    await runtime.aclose()
+
+
+@pytest.mark.parametrize(
+    ("fault", "error", "retry_after"),
+    [
+        ({"status": 429, "retry_after": 2}, BackendBusy, 2.0),
+        ({"status": 503}, BackendBusy, None),
+        ({"status": 500}, BackendUnavailable, None),
+        ({"status": 502, "body": "<html>Bad Gateway</html>"}, BackendUnavailable, None),
+    ],
+)
+async def test_error_statuses_map_to_retryable_errors(
+    server: ServerThread,
+    ctl: StandInControl,
+    fault: dict,
+    error: type[Exception],
+    retry_after: float | None,
+) -> None:
+    ctl.inject(fault)
+    runtime = VLLMRuntime(server.url, model=MODEL, options=FAST)
+    with pytest.raises(error) as info:
+        await runtime.generate(ask("hi"))
+    await runtime.aclose()
+    assert type(info.value) is error
+    assert info.value.retryable  # type: ignore[attr-defined]
+    assert info.value.retry_after == retry_after  # type: ignore[attr-defined]
+    assert str(fault["status"]) in str(info.value)
+
+
+async def test_connection_refused_is_unavailable() -> None:
+    runtime = VLLMRuntime(f"http://127.0.0.1:{free_port()}", model=MODEL, options=FAST)
+    with pytest.raises(BackendUnavailable) as info:
+        await runtime.generate(ask("hi"))
+    await runtime.aclose()
+    assert type(info.value) is BackendUnavailable
+    assert "ConnectError" in str(info.value)
+
+
+async def test_read_timeout_is_unavailable(server: ServerThread, ctl: StandInControl) -> None:
+    ctl.inject({"hang": True})
+    runtime = VLLMRuntime(server.url, model=MODEL, options=HTTPOptions(read_timeout_s=0.2))
+    with pytest.raises(BackendUnavailable, match="ReadTimeout"):
+        await runtime.generate(ask("hi"))
+    await runtime.aclose()
+    assert ctl.requests()[0]["client_closed"] is True
+
+
+async def test_connection_dropped_mid_stream_is_unavailable(
+    server: ServerThread, ctl: StandInControl
+) -> None:
+    ctl.inject({"drop": "mid_stream", "after_tokens": 3})
+    runtime = VLLMRuntime(server.url, model=MODEL, options=FAST)
+    pieces: list[str] = []
+    with pytest.raises(BackendUnavailable, match="RemoteProtocolError"):
+        await runtime.generate(ask("hi"), on_token=pieces.append)
+    await runtime.aclose()
+    assert 0 < len(pieces) < 12
+    assert len(ctl.requests()) == 1  # mid-stream failures are the worker's to retry
+
+
+async def test_connection_dropped_before_response_is_retried_once(
+    server: ServerThread, ctl: StandInControl
+) -> None:
+    """The server closing a pooled keep-alive connection as the request arrives: the race
+    that uvicorn's idle timeout causes, made deterministic."""
+    runtime = VLLMRuntime(server.url, model=MODEL, options=FAST)
+    await runtime.generate(ask("echo: warm"))  # leaves one idle pooled connection
+    ctl.reset()
+    ctl.inject({"drop": "before_response"})
+    assert (await runtime.generate(ask("echo: ok"))).text == " ok"
+    assert len(ctl.requests()) == 2
+
+    ctl.reset()
+    ctl.inject({"drop": "before_response", "count": 2})
+    with pytest.raises(BackendUnavailable):
+        await runtime.generate(ask("echo: ok"))
+    await runtime.aclose()
+    assert len(ctl.requests()) == 2
+
+
+async def test_keepalive_connection_closed_by_server_between_requests() -> None:
+    """uvicorn drops idle connections after 0.2 s here; the client would keep them 30 s."""
+    with ServerThread(OpenAIStandIn(OpenAIConfig(zero_latency=True)).app, 0.2) as srv:
+        options = HTTPOptions(read_timeout_s=5, keepalive_expiry_s=30)
+        runtime = VLLMRuntime(srv.url, model=MODEL, options=options)
+        for word in ("one", "two", "three"):
+            assert (await runtime.generate(ask(f"echo: {word}"))).text == f" {word}"
+            await asyncio.sleep(0.4)
+        await runtime.aclose()
+        assert len(StandInControl(srv.url).requests()) == 3
+
+
+async def test_api_key_sent_as_bearer_token() -> None:
+    with ServerThread(OpenAIStandIn(OpenAIConfig(zero_latency=True, api_key="s3cret")).app) as srv:
+        good = VLLMRuntime(srv.url, model=MODEL, api_key="s3cret", options=FAST)
+        bad = VLLMRuntime(srv.url, model=MODEL, api_key="wrong", options=FAST)
+        assert (await good.generate(ask("echo: in"))).text == " in"
+        with pytest.raises(BackendRejected, match="401: Unauthorized"):
+            await bad.generate(ask("echo: in"))
+        await good.aclose()
+        await bad.aclose()
+
+
+async def test_nested_error_format_message_extracted() -> None:
+    config = OpenAIConfig(zero_latency=True, error_format="nested")
+    with ServerThread(OpenAIStandIn(config).app) as srv:
+        runtime = VLLMRuntime(srv.url, options=FAST)
+        with pytest.raises(BackendRejected, match="The model `x` does not exist."):
+            await runtime.generate(ask("hi", model="x"))
+        await runtime.aclose()
+
+
+def test_error_inside_the_stream_is_mapped() -> None:
+    runtime = VLLMRuntime("http://unused")
+    state = StreamState(model=MODEL, on_token=None)
+    with pytest.raises(BackendUnavailable, match="engine died"):
+        runtime.parse_line('data: {"error": {"message": "engine died", "code": 500}}', state)
+    with pytest.raises(ContextTooLong):
+        runtime.parse_line(
+            'data: {"object": "error", "message": "maximum context length is 10", "code": 400}',
+            state,
+        )
+
+
+def test_backend_message_and_retry_after_parsing() -> None:
+    assert backend_message(b'{"error": {"message": "m1", "type": "t"}}') == "m1"
+    assert backend_message(b'{"object": "error", "message": "m2"}') == "m2"
+    assert backend_message(b'{"error": "m3"}') == "m3"
+    assert backend_message(b"plain text") == "plain text"
+    assert retry_after_s("3") == 3.0
+    assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+    assert retry_after_s("soon") is None
