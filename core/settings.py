@@ -1,8 +1,8 @@
 """Every setting of reasonq, read once from ``REASONQ_*`` environment variables.
 
 The API, the workers and the scripts share this one module; nothing else reads
-``os.environ``. Each field's description is its documentation (the README table is
-generated from the same text by ``tests/test_settings_documented.py``).
+``os.environ``. Each field's description is its documentation: the README's table is
+written from it by ``python -m scripts.settings_table --write README.md``.
 """
 
 from __future__ import annotations
