@@ -12,6 +12,7 @@ from typing import Any
 
 from core.errors import BackendUnavailable
 from core.settings import Settings
+from core.settings import settings as default_settings
 from runtimes.base import GenerationRequest
 from runtimes.http import HTTPOptions, HTTPRuntime, StreamState, error_in_stream
 
@@ -37,7 +38,9 @@ class OllamaRuntime(HTTPRuntime):
         self.num_ctx = num_ctx
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> OllamaRuntime:
+    def from_settings(cls, settings: Settings | None = None) -> OllamaRuntime:
+        """Built from ``REASONQ_*`` settings (the process-wide ones by default)."""
+        settings = settings or default_settings
         return cls(
             settings.ollama_url,
             model=settings.ollama_model,

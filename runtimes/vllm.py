@@ -13,6 +13,7 @@ from typing import Any
 
 from core.errors import BackendRejected, BackendUnavailable
 from core.settings import Settings
+from core.settings import settings as default_settings
 from runtimes.base import FinishReason, GenerationRequest
 from runtimes.http import HTTPOptions, HTTPRuntime, StreamState, error_in_stream, get_json
 
@@ -37,7 +38,9 @@ class VLLMRuntime(HTTPRuntime):
         self._served_model: str | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> VLLMRuntime:
+    def from_settings(cls, settings: Settings | None = None) -> VLLMRuntime:
+        """Built from ``REASONQ_*`` settings (the process-wide ones by default)."""
+        settings = settings or default_settings
         return cls(
             settings.vllm_url,
             model=settings.vllm_model,
