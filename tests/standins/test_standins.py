@@ -54,7 +54,7 @@ def test_continuous_batching_caps_running_sequences() -> None:
             )
         log = StandInControl(srv.url).requests()
     starts = sorted(r["scheduled_at"] - r["received_at"] for r in log)
-    assert starts[1] < 0.1 and starts[2] > 0.15  # the second wave waited for the first
+    assert starts[2] - starts[1] > 0.15  # the second wave waited ~10 steps for the first
 
 
 def test_length_distribution_is_seeded() -> None:
