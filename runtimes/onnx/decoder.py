@@ -54,7 +54,10 @@ class GenaiDecoder:
         self.threshold = layout.longrope_threshold
         if self.threshold is not None and self.threshold >= max_length:
             self.threshold = None  # the long side is never reached
-        self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
+        self._bindings: dict[tuple[int, int, bool], ort.IOBinding] = {}
+        # decode steps write their ids into, and read their logits from, buffers bound once
+        self._ids = np.zeros((max_batch, 1), np.int64)
+        self._logits = np.zeros((max_batch, 1, layout.vocab_size), layout.logits_dtype)
 
     @property
     def free_slots(self) -> int:
@@ -77,7 +80,10 @@ class GenaiDecoder:
         return out
 
     def step(self, tokens: dict[Handle, int]) -> dict[Handle, np.ndarray]:
-        """Feed each live sequence its next token; return next-token logits per sequence."""
+        """Feed each live sequence its next token; return next-token logits per sequence.
+
+        The rows returned are views into a buffer reused by the next call.
+        """
         out: dict[Handle, np.ndarray] = {}
         if self.threshold is not None:
             self._cross_longrope(tokens, out)
@@ -87,16 +93,18 @@ class GenaiDecoder:
             if not live:
                 continue
             start = live[0]  # rows re-prefilled this step sit at the front of the long group
-            ids = np.array([[tokens[self.rows[r]]] for r in range(start, stop)], np.int64)
+            self._ids[start:stop, 0] = [tokens[self.rows[r]] for r in range(start, stop)]
             lens = np.array(self.lens[start:stop]) + 1
             width = int(lens.max()) if not long else max(int(lens.max()), self.threshold + 1)
             mask = (np.arange(width) < lens[:, None]).astype(self.layout.mask_dtype)
-            logits = self._run(start, stop, ids, mask)
+            io = self._binding(start, stop, decode=True)
+            io.bind_cpu_input(self.layout.attention_mask, mask)
+            self.session.run_with_iobinding(io)
             for r in range(start, stop):
                 self.lens[r] += 1
                 if self.threshold is not None:
                     self.history[r].append(tokens[self.rows[r]])
-                out[self.rows[r]] = logits[r - start, -1].copy()
+                out[self.rows[r]] = self._logits[r, -1]
         return out
 
     def release(self, handle: Handle) -> None:
@@ -181,7 +189,7 @@ class GenaiDecoder:
             mask[0, :end] = 1
             logits = self._run(row, row + 1, np.array([chunk], np.int64), mask)
             self.lens[row] = end
-        return logits[0, -1]
+        return logits[0, -1].copy()
 
     def _prefill_batch(self, start: int, prompts: list[list[int]]) -> list[np.ndarray]:
         """Prefill rows start.. together, right-padded; positions come from the mask."""
@@ -203,18 +211,27 @@ class GenaiDecoder:
         self.session.run_with_iobinding(io)
         return io.get_outputs()[0].numpy()
 
-    def _binding(self, start: int, stop: int) -> ort.IOBinding:
-        """An IOBinding with rows start..stop of every KV buffer bound as past and present."""
-        io = self._bindings.get((start, stop))
+    def _binding(self, start: int, stop: int, decode: bool = False) -> ort.IOBinding:
+        """An IOBinding with rows start..stop of every KV buffer bound as past and present.
+
+        A decode binding also has its ids and logits bound to rows of the step buffers.
+        """
+        io = self._bindings.get((start, stop, decode))
         if io is None:
             io = self.session.io_binding()
-            io.bind_output(self.layout.logits, "cpu")  # first: get_outputs()[0] is the logits
+            if decode:
+                ids = ort.OrtValue.ortvalue_from_numpy(self._ids[start:stop])  # shares memory
+                io.bind_ortvalue_input(self.layout.input_ids, ids)
+                logits = ort.OrtValue.ortvalue_from_numpy(self._logits[start:stop])
+                io.bind_ortvalue_output(self.layout.logits, logits)
+            else:
+                io.bind_output(self.layout.logits, "cpu")  # first: get_outputs()[0] is logits
             names = zip(self.layout.past_names, self.layout.present_names, strict=True)
             for buf, (past, present) in zip(self.buffers, names, strict=True):
                 value = ort.OrtValue.ortvalue_from_numpy(buf[start:stop])
                 io.bind_ortvalue_input(past, value)
                 io.bind_ortvalue_output(present, value)
-            self._bindings[(start, stop)] = io
+            self._bindings[(start, stop, decode)] = io
         return io
 
 

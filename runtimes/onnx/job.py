@@ -44,7 +44,7 @@ class Job:
     ) -> None:
         self.prompt_ids = list(prompt_ids)
         self.sampler = Sampler(params)
-        self.stream = TextStream(tokenizer, stop)
+        self.stream = TextStream(tokenizer, stop, lazy=on_token is None)
         self.max_new_tokens = max_new_tokens
         self.eos_ids = frozenset() if ignore_eos else eos_ids
         self.on_token = on_token

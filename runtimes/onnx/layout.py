@@ -49,6 +49,8 @@ class ModelLayout:
     kv_heads: int
     head_dim: int
     kv_dtype: type
+    logits_dtype: type
+    vocab_size: int
     mask_dtype: type
     context_length: int
     eos_ids: frozenset[int]
@@ -126,6 +128,8 @@ def read_layout(folder: Path, session: ort.InferenceSession) -> ModelLayout:
         kv_heads=int(kv_heads),
         head_dim=int(head_dim),
         kv_dtype=_ORT_DTYPES[kv_type],
+        logits_dtype=_ORT_DTYPES[outputs[logits].type],
+        vocab_size=_vocab_size(outputs[logits].shape, genai, hf),
         mask_dtype=_ORT_DTYPES[inputs[mask].type],
         context_length=int(context),
         eos_ids=frozenset(_eos_ids(folder, genai, hf)),
@@ -157,6 +161,12 @@ def _layer_order(name: str) -> tuple[int, int]:
 
 def _layer_names(keys: str, values: str, n: int) -> tuple[str, ...]:
     return tuple(name for i in range(n) for name in (keys % i, values % i))
+
+
+def _vocab_size(logits_shape: list, genai: dict, hf: dict) -> int:
+    if isinstance(logits_shape[-1], int):
+        return logits_shape[-1]
+    return int(genai.get("model", {}).get("vocab_size") or hf["vocab_size"])
 
 
 def _hf_head_dim(hf: dict) -> int:

@@ -15,8 +15,11 @@ class TextStream:
     back until it is known not to be one, so the streamed text always equals ``text``.
     """
 
-    def __init__(self, tokenizer: Any, stop: list[str] | tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, tokenizer: Any, stop: list[str] | tuple[str, ...] = (), lazy: bool = False
+    ) -> None:
         self.tokenizer = tokenizer
+        self.lazy = lazy and not any(stop)  # nobody reads the text before the end
         self.stop = [s for s in stop if s]
         self.ids: list[int] = []
         self.text = ""
@@ -28,6 +31,8 @@ class TextStream:
     def push(self, token_id: int) -> str:
         """Add one token; return the text that is now final (maybe empty)."""
         self.ids.append(token_id)
+        if self.lazy:
+            return ""
         decode = self.tokenizer.decode
         prefix = decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
         window = decode(self.ids[self._prefix :], skip_special_tokens=True)
@@ -41,6 +46,8 @@ class TextStream:
 
     def flush(self) -> str:
         """The rest of the text, once the sequence has ended."""
+        if self.lazy:
+            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         return self._take(len(self.text))
 
     def _cut_stop(self, start: int) -> bool:

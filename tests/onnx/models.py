@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 CHAT_TEMPLATE = (
@@ -129,9 +131,10 @@ def read_json(path: Path) -> dict:
 
 def export_genai(hf_dir: Path, out: Path, cache: Path) -> None:
     """Run the onnxruntime-genai model builder (fp32, cpu) on a saved HF folder."""
-    from onnxruntime_genai.models.builder import create_model
-
-    create_model(None, str(hf_dir), str(out), "fp32", "cpu", str(cache))
+    # the CLI prepares the options create_model() expects (hf_details and friends)
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir)]
+    cmd += ["-o", str(out), "-p", "fp32", "-e", "cpu", "-c", str(cache)]
+    subprocess.run(cmd, check=True, capture_output=True)
     copy_tokenizer_files(hf_dir, out)
 
 
