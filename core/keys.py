@@ -40,3 +40,40 @@ WORKER_PATTERN = f"{PREFIX}:worker:*"
 # kombu's Redis transport keeps each delivered-but-unacked message here, scored by
 # delivery time; workers re-score their running jobs to renew the lease.
 UNACKED_INDEX = "unacked_index"
+
+# kombu's Redis transport puts priority n (1..9) of a queue in "<queue>\x06\x16<n>" and
+# priority 0 in the queue's own name (``_q_for_pri``; core/broker.py sets ten steps).
+_PRIORITY_SEP = "\x06\x16"
+
+
+def queue_lists(queue: str) -> list[str]:
+    """The ten Redis lists holding one Celery queue's waiting messages, one per priority."""
+    return [queue] + [f"{queue}{_PRIORITY_SEP}{n}" for n in range(1, 10)]
+
+
+API_KEYS = f"{PREFIX}:apikeys"
+"""Set of every API key id (``reasonq keys list``)."""
+
+
+def api_key(key_id: str) -> str:
+    """Hash of one API key: name, sha256 of the secret, created_at, revoked, limits."""
+    return f"{PREFIX}:apikey:{key_id}"
+
+
+def rate_bucket(key_id: str) -> str:
+    """Token bucket (tokens, last refill) of one API key's submission rate limit."""
+    return f"{PREFIX}:rate:{key_id}"
+
+
+# The job scripts in core/jobs.py reach an owner's active set from the job's ``owner``
+# field alone, so they build the name from this prefix.
+OWNER_ACTIVE_PREFIX = f"{PREFIX}:active:"
+
+
+def owner_active(owner: str) -> str:
+    """Set of an owner's job ids that are queued or running (the concurrent-job quota)."""
+    return f"{OWNER_ACTIVE_PREFIX}{owner}"
+
+
+JOBS_FINISHED = f"{PREFIX}:stats:jobs-finished"
+"""Hash "<status>:<runtime>" -> jobs that ended so, counted by the job scripts (/metrics)."""
