@@ -36,6 +36,17 @@ class JobStatus(StrEnum):
 
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 
+# Every terminal transition also, in the same script, takes the job out of its owner's active
+# set (the concurrent-job quota, api/limits.py) and tallies it by final status and runtime
+# (the API's /metrics), so neither can drift from the jobs. Keys come from the job's fields.
+_JOB_END = f"""
+local function job_end(job, status)
+  local id, owner, runtime = unpack(redis.call('HMGET', job, 'id', 'owner', 'runtime'))
+  if id and owner then redis.call('SREM', '{keys.OWNER_ACTIVE_PREFIX}' .. owner, id) end
+  redis.call('HINCRBY', '{keys.JOBS_FINISHED}', status .. ':' .. (runtime or 'unknown'), 1)
+end
+"""
+
 # ARGV: field, value, field, value ... — fields already present are kept, so the API and a
 # fast worker can write the same job in either order.
 _CREATE = """
@@ -46,7 +57,7 @@ return 1
 # ARGV: now, run_id, max_attempts, ttl, redelivered (0/1), spec field/value pairs...
 # Returns {outcome, attempts}; outcome is 'running', 'poison', 'duplicate' (a second message
 # for a job already running, not a redelivery) or the terminal status found.
-_START = """
+_START = _JOB_END + """
 for i = 6, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'queued' and status ~= 'running' then return {status, 0} end
@@ -57,6 +68,7 @@ if attempts > tonumber(ARGV[3]) then
     message = 'the worker running this job died ' .. (attempts - 1) ..
               ' times; not retried again'})
   redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[1], 'error', err)
+  job_end(KEYS[1], 'failed')
   redis.call('EXPIRE', KEYS[1], ARGV[4])
   redis.call('PUBLISH', KEYS[2], cjson.encode({type = 'status', status = 'failed'}))
   return {'poison', attempts}
@@ -67,10 +79,11 @@ return {'running', attempts}
 """
 
 # ARGV: run_id, status, now, ttl, field/value pairs to store (result or error)...
-_FINISH = """
+_FINISH = _JOB_END + """
 if redis.call('HGET', KEYS[1], 'run_id') ~= ARGV[1] then return 0 end
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3])
+job_end(KEYS[1], ARGV[2])
 for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('PUBLISH', KEYS[2], cjson.encode({type = 'status', status = ARGV[2]}))
@@ -78,13 +91,14 @@ return 1
 """
 
 # ARGV: now, ttl. Returns the status after the call, or false for an unknown job.
-_CANCEL = """
+_CANCEL = _JOB_END + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return false end
 if status == 'queued' then
   local err = cjson.encode({code = 'cancelled', retryable = false,
                             message = 'cancelled before it ran'})
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1], 'error', err)
+  job_end(KEYS[1], 'cancelled')
   redis.call('EXPIRE', KEYS[1], ARGV[2])
   redis.call('PUBLISH', KEYS[2], cjson.encode({type = 'status', status = 'cancelled'}))
   return 'cancelled'
