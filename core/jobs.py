@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import time
 from enum import StrEnum
+from string import Template
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -35,6 +36,36 @@ class JobStatus(StrEnum):
 
 
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+# A job of a batch (``batch_id`` field) moves its batch's counters in the same script as its
+# own transition, so they never drift from the jobs. The batch key is derived from the job's
+# field rather than passed in, so callers need not know the batch (standalone Redis, where a
+# script may touch keys it did not declare). The batch finishes when its last job ends after
+# ingest sealed it; then its keys get the batch's TTL.
+_BATCH_MOVE = Template("""
+local function batch_move(job, from, to, now)
+  local id = redis.call('HGET', job, 'batch_id')
+  if not id then return end
+  local batch = '$batch' .. id
+  if redis.call('EXISTS', batch) == 0 then return end
+  if from == 'running' then redis.call('HINCRBY', batch, 'running', -1) end
+  redis.call('HINCRBY', batch, to, 1)
+  if to == 'running' then return end
+  local done = redis.call('HINCRBY', batch, 'done', 1)
+  local event = {type = 'progress', status = to, done = done}
+  local sealed, submitted, ttl =
+    unpack(redis.call('HMGET', batch, 'sealed_at', 'submitted', 'ttl'))
+  if sealed and done == tonumber(submitted) then
+    redis.call('HSET', batch, 'finished_at', now)
+    redis.call('EXPIRE', batch, ttl)
+    redis.call('EXPIRE', '$rejects' .. id, ttl)
+    event.finished = true
+  end
+  redis.call('PUBLISH', '$events' .. id, cjson.encode(event))
+end
+""").substitute(
+    batch=keys.BATCH_PREFIX, events=keys.BATCH_EVENTS_PREFIX, rejects=keys.BATCH_REJECTS_PREFIX
+)
 
 # Every terminal transition also, in the same script, takes the job out of its owner's active
 # set (the concurrent-job quota, api/limits.py) and tallies it by final status and runtime
@@ -57,7 +88,7 @@ return 1
 # ARGV: now, run_id, max_attempts, ttl, redelivered (0/1), spec field/value pairs...
 # Returns {outcome, attempts}; outcome is 'running', 'poison', 'duplicate' (a second message
 # for a job already running, not a redelivery) or the terminal status found.
-_START = _JOB_END + """
+_START = _JOB_END + _BATCH_MOVE + """
 for i = 6, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'queued' and status ~= 'running' then return {status, 0} end
@@ -70,28 +101,31 @@ if attempts > tonumber(ARGV[3]) then
   redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[1], 'error', err)
   job_end(KEYS[1], 'failed')
   redis.call('EXPIRE', KEYS[1], ARGV[4])
+  batch_move(KEYS[1], status, 'failed', ARGV[1])
   redis.call('PUBLISH', KEYS[2], cjson.encode({type = 'status', status = 'failed'}))
   return {'poison', attempts}
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'run_id', ARGV[2])
+if status == 'queued' then batch_move(KEYS[1], status, 'running', ARGV[1]) end
 redis.call('PUBLISH', KEYS[2], cjson.encode({type = 'status', status = 'running'}))
 return {'running', attempts}
 """
 
 # ARGV: run_id, status, now, ttl, field/value pairs to store (result or error)...
-_FINISH = _JOB_END + """
+_FINISH = _JOB_END + _BATCH_MOVE + """
 if redis.call('HGET', KEYS[1], 'run_id') ~= ARGV[1] then return 0 end
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3])
 job_end(KEYS[1], ARGV[2])
 for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
+batch_move(KEYS[1], 'running', ARGV[2], ARGV[3])
 redis.call('PUBLISH', KEYS[2], cjson.encode({type = 'status', status = ARGV[2]}))
 return 1
 """
 
 # ARGV: now, ttl. Returns the status after the call, or false for an unknown job.
-_CANCEL = _JOB_END + """
+_CANCEL = _JOB_END + _BATCH_MOVE + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return false end
 if status == 'queued' then
@@ -100,6 +134,7 @@ if status == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1], 'error', err)
   job_end(KEYS[1], 'cancelled')
   redis.call('EXPIRE', KEYS[1], ARGV[2])
+  batch_move(KEYS[1], status, 'cancelled', ARGV[1])
   redis.call('PUBLISH', KEYS[2], cjson.encode({type = 'status', status = 'cancelled'}))
   return 'cancelled'
 end
@@ -171,6 +206,17 @@ class JobStore:
             args=[time.time(), self.result_ttl_s],
         )
         return _str(status) if status else None
+
+    async def cancel_many(self, job_ids: list[str]) -> None:
+        """Cancel many jobs (a batch's) in one round trip, as ``cancel`` does each."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                await self._cancel(
+                    keys=[keys.job(job_id), keys.job_events(job_id)],
+                    args=[time.time(), self.result_ttl_s],
+                    client=pipe,
+                )
+            await pipe.execute()
 
 
 def _str(value: bytes | str) -> str:

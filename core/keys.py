@@ -77,3 +77,35 @@ def owner_active(owner: str) -> str:
 
 JOBS_FINISHED = f"{PREFIX}:stats:jobs-finished"
 """Hash "<status>:<runtime>" -> jobs that ended so, counted by the job scripts (/metrics)."""
+
+
+# Batch keys share these prefixes so the job scripts in core/jobs.py can reach the batch
+# of a job from its ``batch_id`` field alone.
+BATCH_PREFIX = f"{PREFIX}:batch:"
+BATCH_EVENTS_PREFIX = f"{PREFIX}:batch-events:"
+BATCH_REJECTS_PREFIX = f"{PREFIX}:batch-rejects:"
+
+
+def batch(batch_id: str) -> str:
+    """Hash of one batch: its options, timestamps and per-status job counters."""
+    return f"{BATCH_PREFIX}{batch_id}"
+
+
+def batch_events(batch_id: str) -> str:
+    """Pub/sub channel of one batch's progress (a job ended, the batch finished)."""
+    return f"{BATCH_EVENTS_PREFIX}{batch_id}"
+
+
+def batch_rejects(batch_id: str) -> str:
+    """Hash row index -> why that row of a batch was not enqueued (JSON)."""
+    return f"{BATCH_REJECTS_PREFIX}{batch_id}"
+
+
+def file(file_id: str) -> str:
+    """Hash describing one uploaded file (OpenAI Files API): name, size, purpose."""
+    return f"{PREFIX}:file:{file_id}"
+
+
+def file_content(file_id: str) -> str:
+    """String holding an uploaded file's bytes."""
+    return f"{PREFIX}:file-content:{file_id}"
