@@ -8,6 +8,7 @@ import sys
 # Sub-command -> module with ``main(argv: list[str]) -> int``. Imported lazily so that
 # `reasonq keys` never pays for torch or onnxruntime.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "keys": ("core.apikeys_cli", "Create, list and revoke API keys."),
     "convert": ("runtimes.onnx.convert", "Convert a Hugging Face folder or GGUF file to ONNX."),
     "fetch-default-model": (
         "runtimes.onnx.default_model",

@@ -4,6 +4,9 @@
     ├── JobNotFound              unknown job id (API answers 404)
     ├── RoutingError             no queue serves the requested runtime (API answers 422)
     ├── IdempotencyConflict      an Idempotency-Key reused for another request (409)
+    ├── TooManyRequests          429 with Retry-After
+    │   ├── RateLimited          an API key's submission rate exceeded
+    │   └── QuotaExceeded        an API key's queued + running jobs at its limit
     └── BackendError             a runtime could not produce a completion
         ├── BackendUnavailable   connection refused, timeout, 5xx: retried with backoff
         │   └── BackendBusy      429 / Ollama's 503 "server busy": retried, never counted as a crash
@@ -33,6 +36,24 @@ class RoutingError(ReasonqError):
 
 class IdempotencyConflict(ReasonqError):
     code = "idempotency_conflict"
+
+
+class TooManyRequests(ReasonqError):
+    """The caller must slow down; ``retry_after_s`` becomes the Retry-After header."""
+
+    code = "too_many_requests"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RateLimited(TooManyRequests):
+    code = "rate_limited"
+
+
+class QuotaExceeded(TooManyRequests):
+    code = "quota_exceeded"
 
 
 class BackendError(ReasonqError):

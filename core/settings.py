@@ -133,7 +133,13 @@ class Settings(BaseSettings):
     public_url: str | None = Field(
         None, description="Base URL put in job links; unset = the request's own base URL."
     )
-    max_body_bytes: int = Field(1_000_000, description="Largest JSON request body accepted.")
+    max_body_bytes: int = Field(
+        1_000_000, description="Largest request body accepted (413 beyond), uploads aside."
+    )
+    max_upload_bytes: int = Field(
+        100_000_000,
+        description="Largest multipart/form-data body accepted (batch file uploads; 413 beyond).",
+    )
     max_prompt_chars: int = Field(200_000, description="Longest prompt accepted.")
     max_tokens_limit: int = Field(32_768, description="Largest max_tokens a job may ask for.")
     auth_enabled: bool = Field(
