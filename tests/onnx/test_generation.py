@@ -103,7 +103,6 @@ def test_async_generate_batches_concurrent_requests(llama_rt):
 
 def test_from_settings(llama_genai):
     from core.settings import Settings
-
     from runtimes.onnx import OnnxRuntime
 
     rt = OnnxRuntime.from_settings(Settings(onnx_model=str(llama_genai), onnx_max_batch=3))
