@@ -4,6 +4,7 @@
     ├── JobNotFound              unknown job id (API answers 404)
     ├── RoutingError             no queue serves the requested runtime (API answers 422)
     ├── IdempotencyConflict      an Idempotency-Key reused for another request (409)
+    ├── CallbackRefused          a callback_url that may not be called, e.g. private (422)
     ├── TooManyRequests          429 with Retry-After
     │   ├── RateLimited          an API key's submission rate exceeded
     │   └── QuotaExceeded        an API key's queued + running jobs at its limit
@@ -36,6 +37,10 @@ class RoutingError(ReasonqError):
 
 class IdempotencyConflict(ReasonqError):
     code = "idempotency_conflict"
+
+
+class CallbackRefused(ReasonqError):
+    code = "callback_url_refused"
 
 
 class TooManyRequests(ReasonqError):

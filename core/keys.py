@@ -16,8 +16,17 @@ def job_events(job_id: str) -> str:
 
 
 def job_watchers(job_id: str) -> str:
-    """Counter of event-stream clients of a job; workers publish tokens only while it exists."""
+    """Set of a job's event-stream connections; workers publish tokens only while it exists."""
     return f"{PREFIX}:watch:{job_id}"
+
+
+def webhook(delivery_id: str) -> str:
+    """Hash of one webhook delivery: URL, signed body, attempts so far and outcome."""
+    return f"{PREFIX}:webhook:{delivery_id}"
+
+
+WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"
+"""Sorted set of pending webhook deliveries, scored by the time of their next attempt."""
 
 
 def idempotency(owner: str, key: str) -> str:

@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 RuntimeName = Literal["vllm", "ollama", "onnx"]
@@ -144,6 +144,33 @@ class Settings(BaseSettings):
     max_tokens_limit: int = Field(32_768, description="Largest max_tokens a job may ask for.")
     auth_enabled: bool = Field(
         False, description="Require `Authorization: Bearer <key>` (keys: `reasonq keys create`)."
+    )
+
+    # --- webhooks and event streams ----------------------------------------------------
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="Key signing webhook deliveries with HMAC-SHA256 (docs/webhooks.md). "
+        "Unset: jobs with a callback_url are refused.",
+    )
+    webhook_allow_hosts: list[str] = Field(
+        [],
+        description="JSON list of host names, IPs or CIDRs a callback_url may reach although "
+        'they are not public (private, loopback, link-local), e.g. ["10.0.0.0/8"].',
+    )
+    webhook_max_attempts: int = Field(
+        10, description="Tries of one webhook delivery (non-2xx or no answer) before giving up."
+    )
+    webhook_backoff_s: float = Field(5.0, description="First webhook retry delay; doubles each try.")
+    webhook_backoff_max_s: float = Field(900.0, description="Cap on one webhook retry delay.")
+    webhook_timeout_s: float = Field(
+        10.0, description="Longest one webhook attempt may take (DNS, connect, response)."
+    )
+    webhook_poll_interval_s: float = Field(
+        0.5, description="How often each worker looks for webhook deliveries that are due."
+    )
+    webhook_concurrency: int = Field(16, description="Webhook POSTs in flight per worker process.")
+    sse_keepalive_s: float = Field(
+        15.0, description="Comment line sent on an idle event stream, so proxies keep it open."
     )
 
     # --- observability -----------------------------------------------------------------
