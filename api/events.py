@@ -25,8 +25,10 @@ _IDLE_CHANNEL = "reasonq:hub"
 
 class EventHub:
     def __init__(self, redis: aioredis.Redis) -> None:
-        self._pubsub = redis.pubsub(ignore_subscribe_messages=True)
+        self._pubsub = redis.pubsub()
         self._listeners: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
+        # Resolved when Redis confirms a SUBSCRIBE: only then is no publish missed.
+        self._subscribed: dict[str, asyncio.Future[None]] = {}
         self._reader: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -47,14 +49,19 @@ class EventHub:
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         listeners = self._listeners.setdefault(channel, set())
         listeners.add(queue)
-        if len(listeners) == 1:
-            await self._pubsub.subscribe(channel)
         try:
+            if len(listeners) == 1:
+                self._subscribed[channel] = asyncio.get_running_loop().create_future()
+                await self._pubsub.subscribe(channel)
+            # SUBSCRIBE travels on the pub/sub connection, a later read on another one:
+            # without this wait the read could overtake it and miss the event it waits for.
+            await asyncio.wait_for(asyncio.shield(self._subscribed[channel]), 5.0)
             yield queue
         finally:
             listeners.discard(queue)
             if not listeners:
                 del self._listeners[channel]
+                self._subscribed.pop(channel, None)
                 with suppress(RedisError):
                     await self._pubsub.unsubscribe(channel)
 
@@ -66,9 +73,16 @@ class EventHub:
                 log.warning("event hub lost Redis; resubscribing")
                 await asyncio.sleep(0.5)
                 continue
-            if message is None or message["type"] != "message":
+            if message is None:
                 continue
             channel = message["channel"].decode()
+            if message["type"] == "subscribe":
+                confirmed = self._subscribed.get(channel)
+                if confirmed is not None and not confirmed.done():
+                    confirmed.set_result(None)
+                continue
+            if message["type"] != "message":
+                continue
             event = json.loads(message["data"])
             for queue in self._listeners.get(channel, ()):
                 queue.put_nowait(event)

@@ -13,13 +13,22 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from api.auth import AuthMiddleware
+from api.body_limit import BodyLimitMiddleware
 from api.events import EventHub
-from api.routes import health, jobs
-from core.errors import IdempotencyConflict, JobNotFound, ReasonqError, RoutingError
+from api.metrics import MetricsMiddleware
+from api.routes import health, jobs, metrics
+from core.errors import (
+    IdempotencyConflict,
+    JobNotFound,
+    ReasonqError,
+    RoutingError,
+    TooManyRequests,
+)
 from core.jobs import JobStore
 from core.settings import Settings
 
-_STATUS = {JobNotFound: 404, RoutingError: 422, IdempotencyConflict: 409}
+_STATUS = {JobNotFound: 404, RoutingError: 422, IdempotencyConflict: 409, TooManyRequests: 429}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -46,7 +55,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(ReasonqError)
     async def reasonq_error(request: Request, exc: ReasonqError) -> JSONResponse:
         code = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 500)
-        return JSONResponse({"detail": str(exc), "code": exc.code}, status_code=code)
+        headers = (
+            {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, TooManyRequests) else None
+        )
+        return JSONResponse({"detail": str(exc), "code": exc.code}, code, headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -55,6 +67,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         detail = [{"loc": e["loc"], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
         return JSONResponse({"detail": detail}, status_code=422)
 
+    # Pure ASGI middleware (streams pass through); the last added runs first: requests are
+    # timed whatever their fate, then authenticated, then their body is size-limited.
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        max_upload_bytes=settings.max_upload_bytes,
+    )
+    app.add_middleware(AuthMiddleware, enabled=settings.auth_enabled)
+    app.add_middleware(MetricsMiddleware)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(jobs.router)
     return app

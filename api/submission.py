@@ -13,6 +13,7 @@ import time
 import uuid
 from typing import Any
 
+from api.metrics import JOBS_SUBMITTED
 from api.schemas import JobCreate
 from core.broker import RUN_JOB, app
 from core.errors import RoutingError
@@ -91,4 +92,5 @@ def publish(record: dict[str, Any], show_content: bool, producer: Any = None) ->
         kwargsrepr=None if show_content else repr(summary),
         producer=producer,
     )
+    JOBS_SUBMITTED.labels(record["runtime"]).inc()
 

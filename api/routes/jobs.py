@@ -12,6 +12,7 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import HubDep, OwnerDep, RedisDep, SettingsDep, StoreDep
+from api.limits import QuotaDep, RateLimit
 from api.schemas import ErrorResponse, JobCreate, JobPublic, timestamp
 from api.submission import build_record, new_job_id, publish
 from core import keys
@@ -57,7 +58,11 @@ async def read_job(store: JobStore, job_id: str, owner: str) -> dict[str, str]:
     "",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobPublic,
-    responses={409: {"model": ErrorResponse, "description": "Idempotency-Key reused"}},
+    responses={
+        409: {"model": ErrorResponse, "description": "Idempotency-Key reused"},
+        429: {"model": ErrorResponse, "description": "Key's rate limit or job quota reached"},
+    },
+    dependencies=[RateLimit],
 )
 async def create_job(
     job: JobCreate,
@@ -67,6 +72,7 @@ async def create_job(
     store: StoreDep,
     redis: RedisDep,
     owner: OwnerDep,
+    quota: QuotaDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobPublic:
     """Queue a job; answers at once with its id and URL. Poll the URL or wait on it."""
@@ -84,7 +90,8 @@ async def create_job(
                 return job_public(replayed, base_url(request, settings.public_url))
             # The first attempt died before storing its job: finish its work under its id.
             record["id"] = job_id = existing
-    await run_in_threadpool(publish, record, settings.flower_show_content)
+    async with quota.admit([job_id]):
+        await run_in_threadpool(publish, record, settings.flower_show_content)
     await store.create(job_id, record)
     url = base_url(request, settings.public_url)
     response.headers["Location"] = f"{url}/v1/jobs/{job_id}"
