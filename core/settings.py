@@ -42,6 +42,13 @@ class Settings(BaseSettings):
 
     # --- job lifecycle -----------------------------------------------------------------
     result_ttl_s: int = Field(7 * 24 * 3600, description="Seconds a finished job stays readable.")
+    batch_priority: int = Field(
+        3,
+        ge=0,
+        le=9,
+        description="Priority (0-9) of batch rows that set none: below interactive jobs' 5, "
+        "so a large batch does not starve them.",
+    )
     job_deadline_s: float = Field(
         600.0, description="A job running longer than this is failed (code deadline_exceeded)."
     )
