@@ -8,6 +8,7 @@ import redis.asyncio as aioredis
 from fastapi import Depends, Request
 
 from api.events import EventHub
+from core.batches import BatchStore
 from core.jobs import JobStore
 from core.settings import Settings
 
@@ -24,6 +25,10 @@ def get_store(request: Request) -> JobStore:
     return request.app.state.store
 
 
+def get_batches(request: Request) -> BatchStore:
+    return BatchStore(request.app.state.redis, request.app.state.store)
+
+
 def get_hub(request: Request) -> EventHub:
     return request.app.state.hub
 
@@ -37,4 +42,5 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 RedisDep = Annotated[aioredis.Redis, Depends(get_redis)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
 HubDep = Annotated[EventHub, Depends(get_hub)]
+BatchesDep = Annotated[BatchStore, Depends(get_batches)]
 OwnerDep = Annotated[str, Depends(get_owner)]

@@ -2,6 +2,7 @@
 
     ReasonqError
     ├── JobNotFound              unknown job id (API answers 404)
+    │   └── BatchNotFound        unknown batch id (404)
     ├── RoutingError             no queue serves the requested runtime (API answers 422)
     ├── IdempotencyConflict      an Idempotency-Key reused for another request (409)
     ├── CallbackRefused          a callback_url that may not be called, e.g. private (422)
@@ -29,6 +30,12 @@ class ReasonqError(Exception):
 
 class JobNotFound(ReasonqError):
     code = "job_not_found"
+
+
+class BatchNotFound(JobNotFound):
+    """An unknown batch id; answered 404 like an unknown job."""
+
+    code = "batch_not_found"
 
 
 class RoutingError(ReasonqError):
