@@ -71,6 +71,13 @@ class QuotaExceeded(TooManyRequests):
 class BackendError(ReasonqError):
     code = "backend_error"
 
+    def __init__(
+        self, message: str, status_code: int | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code  # the backend's HTTP status, when it answered
+        self.retry_after = retry_after  # seconds the backend asked us to wait (Retry-After)
+
 
 class BackendUnavailable(BackendError):
     code = "backend_unavailable"

@@ -87,8 +87,8 @@ def make_client(
 
 # --- error mapping -----------------------------------------------------------------------
 def _tagged(exc: BackendError, status: int | None, retry_after: float | None = None) -> Any:
-    exc.status_code = status  # type: ignore[attr-defined]
-    exc.retry_after = retry_after  # type: ignore[attr-defined]
+    exc.status_code = status
+    exc.retry_after = retry_after
     return exc
 
 

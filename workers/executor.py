@@ -33,6 +33,7 @@ from runtimes.base import Completion, GenerationRequest, Runtime
 from runtimes.registry import create_runtime
 from workers import metrics
 from workers.semaphore import BackendSemaphore
+from workers.webhooks import WebhookSender
 
 log = logging.getLogger("reasonq.worker")
 
@@ -80,6 +81,8 @@ class Executor:
         return self._loop
 
     def _serve(self, ready: threading.Event) -> None:
+        import os, sys
+        sys.setswitchinterval(float(os.environ.get("XSWITCH", "0.005")))
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         self.redis = aioredis.from_url(
@@ -89,6 +92,8 @@ class Executor:
         self.semaphore = BackendSemaphore(self.redis, self.settings.backend_max_inflight)
         self._loop = loop
         loop.create_task(self._control_loop())
+        self.webhooks = WebhookSender(self.redis, self.settings)
+        loop.create_task(self.webhooks.run_forever())
         ready.set()
         loop.run_forever()
 
@@ -110,6 +115,9 @@ class Executor:
         )
         if outcome != JobStatus.RUNNING:
             log.info("job %s not run: %s", job_id, outcome)
+            # Already ended (poison, cancelled while queued, or a redelivery after a crash
+            # right after finishing): make sure its webhook was queued.
+            await self.webhooks.job_ended(job_id, spec)
             return {"job_id": job_id, "status": outcome}
         runtime_name = spec["runtime"]
         request = GenerationRequest(**spec["request"])
@@ -150,6 +158,7 @@ class Executor:
         finished = await self.store.finish(job_id, run_id, status, fields)
         if finished:
             metrics.JOBS.labels(status=status.value, runtime=runtime_name).inc()
+            await self.webhooks.job_ended(job_id, spec)
         return {"job_id": job_id, "status": status.value, "attempts": attempts}
 
     async def _generate(
@@ -173,7 +182,7 @@ class Executor:
                     raise
                 delay = min(s.retry_backoff_max_s, s.retry_backoff_s * 2 ** (attempt - 1))
                 delay *= random.uniform(0.5, 1.0)
-                delay = max(delay, getattr(exc, "retry_after", None) or 0.0)
+                delay = max(delay, exc.retry_after or 0.0)
                 log.warning("job %s: %s; retry %d in %.2f s", job.job_id, exc, attempt, delay)
                 metrics.RETRIES.labels(runtime=runtime_name).inc()
                 deadline = time.monotonic() + delay
