@@ -137,6 +137,7 @@ class Settings(BaseSettings):
     # --- API ---------------------------------------------------------------------------
     api_host: str = Field("127.0.0.1", description="Where `make run` binds the API.")
     api_port: int = Field(8000, description="API port.")
+    flower_port: int = Field(5555, description="Where `make run` serves Flower (loopback).")
     public_url: str | None = Field(
         None, description="Base URL put in job links; unset = the request's own base URL."
     )

@@ -118,7 +118,7 @@ def main() -> int:
             ),
             Supervised(
                 "flower",
-                [*celery, "flower", "--address=127.0.0.1", "--port=5555"],
+                [*celery, "flower", "--address=127.0.0.1", f"--port={settings.flower_port}"],
                 env=flower_env,
             ),
         )
@@ -144,7 +144,7 @@ def main() -> int:
                     time.sleep(0.1)
     print(
         f"[run] API http://{settings.api_host}:{settings.api_port}/docs · "
-        "Flower http://127.0.0.1:5555 · Ctrl-C stops everything",
+        f"Flower http://127.0.0.1:{settings.flower_port} · Ctrl-C stops everything",
         flush=True,
     )
     while not stopping:
