@@ -81,8 +81,6 @@ class Executor:
         return self._loop
 
     def _serve(self, ready: threading.Event) -> None:
-        import os, sys
-        sys.setswitchinterval(float(os.environ.get("XSWITCH", "0.005")))
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         self.redis = aioredis.from_url(
