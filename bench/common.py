@@ -40,6 +40,8 @@ def machine() -> dict[str, Any]:
         )
     except (OSError, StopIteration):
         info["cpu"] = platform.processor() or None
+    if hasattr(os, "getloadavg"):  # other work on the machine skews the numbers
+        info["loadavg_1m"] = round(os.getloadavg()[0], 2)
     try:
         meminfo = Path("/proc/meminfo").read_text().split()
         info["memory_gib"] = round(int(meminfo[meminfo.index("MemTotal:") + 1]) / 2**20, 1)
@@ -76,7 +78,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["  ".join(col.ljust(w) for col, w in zip(columns, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def write_results(

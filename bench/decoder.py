@@ -1,0 +1,336 @@
+"""Decode speed on SmolLM2-135M-Instruct: our ONNX decoder vs onnxruntime-genai vs PyTorch.
+
+    python -m bench.decoder            (make bench NAME=decoder; needs fetch-default-model)
+
+Rows (128 new tokens, greedy, CPU): batch 1 for ours, genai's ``Generator`` and
+transformers (fp32 only), each fp32 and int4; genai's static batch of 8; ours with 8 jobs
+arriving 50 ms apart through continuous batching (aggregate tokens/s over the whole run).
+genai and transformers are forced to 128 tokens (min length); ours stops at EOS, so its
+rows count the tokens it actually produced (the prompts are chosen to answer at length).
+
+Time to first token (TTFT) is prompt in -> first token out; decode tok/s is the rest of
+the tokens over the rest of the time. Each row is the median of ``REPEAT`` runs after a
+warm-up. The bandwidth bound is measured memory bandwidth / weight bytes read per decode
+step (every weight once: the tied embedding is read whole by the LM head).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import write_results
+
+NEW_TOKENS = 128
+REPEAT = 3
+STAGGER_S = 0.05
+KV_LENGTH = 512
+PROMPTS = [
+    "Write a detailed essay about the history of Paris, from the Romans to today.",
+    (
+        "A train travels 240 km in 3 hours. If it increases its speed by 20 km/h, how long "
+        "would the same journey take?"
+    ),
+    "Write a Python function to calculate the Fibonacci sequence using dynamic programming.",
+    "Describe the water cycle in detail for a school textbook.",
+    (
+        "All cats are mammals. Some mammals are carnivores. Can we conclude that some cats are "
+        "carnivores?"
+    ),
+    "Write a long story about a robot who learns to paint.",
+    "Explain how compound interest works, with a worked example of $5000 at 6% for 3 years.",
+    "Give a detailed guide to planning a vegetable garden, season by season.",
+]
+
+
+def _messages(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
+def _summary(runs: list[tuple[float, float, int]]) -> dict[str, float | int]:
+    """Median TTFT, decode tok/s and tokens over runs of (ttft_s, total_s, tokens)."""
+    ttft = statistics.median(r[0] for r in runs)
+    decode = statistics.median((r[2] - 1) / max(r[1] - r[0], 1e-9) for r in runs)
+    return {"ttft_ms": ttft * 1000, "decode_tok_s": decode, "tokens": runs[-1][2]}
+
+
+# --- memory bandwidth -------------------------------------------------------------------------
+
+
+def memory_bandwidth_gb_s(mib: int = 512, repeat: int = 5) -> float:
+    """Best of ``repeat`` numpy copies (read + write bytes), one thread per core."""
+    src = np.ones(mib * 2**20 // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    parts = os.cpu_count() or 1
+    bounds = np.linspace(0, src.size, parts + 1, dtype=np.int64)
+
+    def copy(i: int) -> None:
+        np.copyto(dst[bounds[i] : bounds[i + 1]], src[bounds[i] : bounds[i + 1]])
+
+    best = float("inf")
+    for _ in range(repeat):
+        threads = [threading.Thread(target=copy, args=(i,)) for i in range(parts)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.nbytes / best / 1e9
+
+
+def weight_bytes(folder: Path) -> int:
+    """Bytes of the model's weights (the .onnx file and its external data)."""
+    return sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx"))
+
+
+# --- onnxruntime-genai ------------------------------------------------------------------------
+
+
+class Genai:
+    def __init__(self, folder: Path) -> None:
+        import onnxruntime_genai as og
+        from transformers import AutoTokenizer
+
+        self.og, self.model = og, og.Model(str(folder))
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+
+    def ids(self, prompt: str) -> list[int]:
+        return self.tokenizer.apply_chat_template(
+            _messages(prompt), add_generation_prompt=True, return_dict=True
+        )["input_ids"]
+
+    def run(self, prompts: list[str], new_tokens: int = NEW_TOKENS) -> tuple[float, float, int]:
+        """One static batch; (ttft_s, total_s, tokens generated over all sequences)."""
+        og = self.og
+        rows = [self.ids(p) for p in prompts]
+        width = max(map(len, rows))
+        pad = self.tokenizer.pad_token_id
+        batch = np.array([[pad] * (width - len(r)) + r for r in rows], dtype=np.int32)
+        params = og.GeneratorParams(self.model)
+        length = width + new_tokens
+        params.set_search_options(
+            max_length=length, min_length=length, do_sample=False, batch_size=len(prompts)
+        )
+        start = time.perf_counter()
+        generator = og.Generator(self.model, params)
+        generator.append_tokens(batch)
+        generator.generate_next_token()
+        generator.get_next_tokens()
+        ttft = time.perf_counter() - start
+        steps = 1
+        while not generator.is_done():
+            generator.generate_next_token()
+            generator.get_next_tokens()
+            steps += 1
+        return ttft, time.perf_counter() - start, steps * len(prompts)
+
+
+# --- transformers (PyTorch) -------------------------------------------------------------------
+
+
+class Transformers:
+    def __init__(self, folder: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+    def run(self, prompt: str, new_tokens: int = NEW_TOKENS) -> tuple[float, float, int]:
+        stamps: list[float] = []
+
+        class Clock:  # a streamer: put() is called with the prompt, then with each token
+            def put(self, value) -> None:
+                stamps.append(time.perf_counter())
+
+            def end(self) -> None:
+                pass
+
+        ids = self.tokenizer.apply_chat_template(
+            _messages(prompt), add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        start = time.perf_counter()
+        with self.torch.no_grad():
+            self.model.generate(
+                **ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                do_sample=False, streamer=Clock(),
+            )  # fmt: skip
+        tokens = len(stamps) - 1
+        return stamps[1] - start, stamps[-1] - start, tokens
+
+
+# --- ours -------------------------------------------------------------------------------------
+
+
+class Ours:
+    """Our decoder through ``runtimes.onnx.OnnxRuntime`` (``ignore_eos``: always 128 tokens)."""
+
+    def __init__(self, folder: Path) -> None:
+        from runtimes.onnx import OnnxRuntime
+
+        # KV length as genai's (prompt + 128 fits); the worker default is 4096
+        self.runtime = OnnxRuntime(folder, max_batch=len(PROMPTS), max_length=KV_LENGTH)
+        self.runtime.load()
+
+    def ids(self, prompt: str) -> list[int]:
+        return self.runtime.encode_chat(_messages(prompt))
+
+    def run(self, prompt: str) -> tuple[float, float, int]:
+        ids = self.ids(prompt)
+        start = time.perf_counter()
+        result = self.runtime.generate_ids(ids, NEW_TOKENS, ignore_eos=True)
+        total = time.perf_counter() - start
+        return result.time_to_first_token_s, total, len(result.token_ids)
+
+    def concurrent(self, prompts: list[str]) -> tuple[float, float, int]:
+        """Jobs arriving ``STAGGER_S`` apart; (median ttft_s, wall_s, tokens of all jobs)."""
+        ids = [self.ids(p) for p in prompts]
+        start = time.perf_counter()
+        jobs = []
+        for i, row in enumerate(ids):
+            time.sleep(max(0.0, start + i * STAGGER_S - time.perf_counter()))
+            jobs.append(self.runtime.submit_ids(row, max_new_tokens=NEW_TOKENS, ignore_eos=True))
+        results = [job.future.result() for job in jobs]
+        wall = time.perf_counter() - start
+        ttft = statistics.median(r.time_to_first_token_s for r in results)
+        return ttft, wall, sum(len(r.token_ids) for r in results)
+
+    def close(self) -> None:
+        self.runtime.close()
+
+
+# --- the run: each engine in its own process (onnxruntime and torch thread pools interfere) ---
+
+
+def _timed(run, repeat: int = REPEAT) -> list:
+    run()  # warm-up
+    return [run() for _ in range(repeat)]
+
+
+def _batch_row(engine: str, precision: str, batch, runs: list[tuple[float, float, int]]) -> dict:
+    return {
+        "engine": engine, "precision": precision, "batch": batch,
+        "ttft_ms": statistics.median(r[0] for r in runs) * 1000,
+        "aggregate_tok_s": statistics.median(r[2] / r[1] for r in runs),
+        "tokens": runs[-1][2],
+    }  # fmt: skip
+
+
+def measure(engine: str, precision: str, folder: Path) -> list[dict]:
+    """The rows of one engine and precision (run in a fresh process)."""
+    prompt, n = PROMPTS[0], len(PROMPTS)
+    single = {"engine": engine, "precision": precision, "batch": 1}
+    if engine == "transformers":
+        hf = Transformers(folder)
+        return [{**single, **_summary(_timed(lambda: hf.run(prompt)))}]
+    if engine == "genai":
+        genai = Genai(folder)
+        return [
+            {**single, **_summary(_timed(lambda: genai.run([prompt])))},
+            _batch_row(engine, precision, n, _timed(lambda: genai.run([prompt] * n))),
+        ]
+    ours = Ours(folder)
+    try:
+        return [
+            {**single, **_summary(_timed(lambda: ours.run(prompt)))},
+            _batch_row(
+                engine, precision, f"{n} staggered", _timed(lambda: ours.concurrent(PROMPTS))
+            ),
+        ]
+    finally:
+        ours.close()
+
+
+def _measure_elsewhere(engine: str, precision: str, folder: Path) -> tuple[list[dict], str | None]:
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        try:
+            return pool.submit(measure, engine, precision, folder).result(), None
+        except Exception as exc:  # noqa: BLE001 - one engine failing must not lose the others
+            return [], f"{type(exc).__name__}: {exc}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from runtimes.onnx.default_model import model_dir
+
+    folders = {v: model_dir(v) for v in ("hf", "fp32", "int4")}
+    missing = [str(f) for f in folders.values() if not (f / ".reasonq-complete").is_file()]
+    if missing:
+        print(f"missing {missing}: run `reasonq fetch-default-model --precision int4`")
+        return 1
+    started = time.perf_counter()
+    bandwidth = memory_bandwidth_gb_s()
+    print(f"memory bandwidth (numpy copy): {bandwidth:.1f} GB/s", flush=True)
+    rows: list[dict] = []
+    errors: dict[str, str] = {}
+    for engine, precision in [("transformers", "fp32"), ("genai", "fp32"), ("genai", "int4"),
+                              ("ours", "fp32"), ("ours", "int4")]:  # fmt: skip
+        folder = folders["hf" if engine == "transformers" else precision]
+        got, error = _measure_elsewhere(engine, precision, folder)
+        if error:
+            errors[f"{engine} {precision}"] = error
+            print(f"{engine} {precision} failed: {error}", file=sys.stderr, flush=True)
+        for row in got:
+            print(row, flush=True)
+        rows += got
+
+    for row in rows:
+        if row["batch"] == 1:
+            bound = bandwidth * 1e9 / weight_bytes(folders[row["precision"]])
+            row["bound_tok_s"] = bound
+            row["of_bound"] = row["decode_tok_s"] / bound
+
+    def rate(engine: str, precision: str, batch1: bool) -> float | None:
+        key = "decode_tok_s" if batch1 else "aggregate_tok_s"
+        for row in rows:
+            if (row["engine"], row["precision"], row["batch"] == 1) == (engine, precision, batch1):
+                return row[key]
+        return None
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 3) if a and b else None
+
+    ratios = {
+        "batch1_vs_genai_fp32": ratio(rate("ours", "fp32", True), rate("genai", "fp32", True)),
+        "batch1_vs_genai_int4": ratio(rate("ours", "int4", True), rate("genai", "int4", True)),
+        "concurrent8_vs_genai_batch8": ratio(
+            rate("ours", "fp32", False), rate("genai", "fp32", False)
+        ),
+        "concurrent8_vs_genai_batch8_int4": ratio(
+            rate("ours", "int4", False), rate("genai", "int4", False)
+        ),
+        "genai_fp32_vs_transformers": ratio(
+            rate("genai", "fp32", True), rate("transformers", "fp32", True)
+        ),
+    }
+    extra = {
+        "model": "SmolLM2-135M-Instruct",
+        "new_tokens": NEW_TOKENS,
+        "repeat": REPEAT,
+        "stagger_s": STAGGER_S,
+        "memory_bandwidth_gb_s": round(bandwidth, 2),
+        "weight_bytes": {p: weight_bytes(folders[p]) for p in ("fp32", "int4")},
+        "errors": errors,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    print(f"memory bandwidth {bandwidth:.1f} GB/s; weight bytes per decode step: "
+          + ", ".join(f"{p} {b / 1e6:.0f} MB" for p, b in extra["weight_bytes"].items())
+          + " (bound_tok_s = bandwidth / weight bytes; of_bound = decode_tok_s / bound)")  # fmt: skip
+    write_results("decoder", rows, ratios, extra)
+    print(f"benchmark took {extra['seconds']:.0f} s")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
