@@ -1,0 +1,166 @@
+"""The batch API end to end: upload, progress, results in input order, strictness, cancel."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+
+import httpx
+import redis
+
+from core import keys
+from tests.conftest import Stack
+
+
+def upload(client: httpx.Client, name: str, text: str, **form: object) -> httpx.Response:
+    data = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in form.items()}
+    return client.post("/v1/batches", files={"file": (name, text.encode())}, data=data)
+
+
+def wait_for_batch(client: httpx.Client, batch_id: str, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        batch = client.get(f"/v1/batches/{batch_id}").json()
+        if batch["status"] in {"completed", "cancelled"}:
+            return batch
+        time.sleep(0.1)
+    raise TimeoutError(f"batch {batch_id} still {batch['status']}: {batch['counts']}")
+
+
+def csv_rows(text: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def test_csv_batch_runs_every_row_in_order(stack: Stack) -> None:
+    lines = ["qid,question,temp"] + [f"q{i},What is {i} + {i}?,{i % 2 / 2}" for i in range(60)]
+    with stack.client() as client:
+        response = upload(
+            client, "problems.csv", "\n".join(lines) + "\n",
+            prompt_column="question", id_column="qid", temperature_column="temp",
+            runtime="vllm", task_type="math",
+        )
+        assert response.status_code == 201, response.text
+        created = response.json()
+        assert created["counts"]["submitted"] == 60 and created["counts"]["total"] == 60
+        assert created["status"] in {"in_progress", "completed"}
+        batch = wait_for_batch(client, created["id"])
+        results = client.get(f"/v1/batches/{created['id']}/results")
+        as_jsonl = client.get(f"/v1/batches/{created['id']}/results", params={"format": "jsonl"})
+    assert batch["status"] == "completed"
+    counts = batch["counts"]
+    assert counts["succeeded"] == 60 and counts["queued"] == counts["running"] == 0
+    assert batch["jobs_per_s"] > 0 and batch["finished_at"]
+    assert results.headers["content-type"].startswith("text/csv")
+    rows = csv_rows(results.text)
+    assert [r["id"] for r in rows] == [f"q{i}" for i in range(60)]
+    assert all(r["status"] == "succeeded" and r["answer"] for r in rows)
+    assert all(int(r["completion_tokens"]) > 0 and float(r["latency_s"]) > 0 for r in rows)
+    jsonl = [json.loads(line) for line in as_jsonl.text.splitlines()]
+    assert [r["index"] for r in jsonl] == list(range(60))
+    # Each row is an ordinary job, with the row's own sampling parameter.
+    job = stack.client().get(f"/v1/jobs/{jsonl[1]['job_id']}").json()
+    assert job["status"] == "succeeded" and job["priority"] == 3
+
+
+def test_counters_match_the_jobs(stack: Stack) -> None:
+    """The Lua-kept counters agree with the jobs' own states."""
+    lines = ["prompt"] + [f"p{i}" for i in range(40)]
+    with stack.client() as client:
+        created = upload(client, "c.csv", "\n".join(lines), runtime="vllm").json()
+        batch = wait_for_batch(client, created["id"])
+    r = redis.Redis.from_url(stack.redis.url, decode_responses=True)
+    statuses = [r.hget(keys.job(f"{created['id']}-{i}"), "status") for i in range(40)]
+    assert batch["counts"]["succeeded"] == statuses.count("succeeded") == 40
+    assert r.ttl(keys.batch(created["id"])) > 0  # finished: expires with its jobs
+
+
+def test_lenient_batch_keeps_good_rows_and_names_bad_lines(stack: Stack) -> None:
+    text = (
+        "id,prompt,max_tokens\n"
+        "a,fine,16\n"
+        "b,too many,fields,here\n"  # line 3
+        "c,,16\n"  # line 4: empty prompt
+        "d,fine too,-5\n"  # line 5: invalid max_tokens
+        'e,"spans\ntwo lines",16\n'  # lines 6-7
+    )
+    with stack.client() as client:
+        response = upload(
+            client, "mixed.csv", text, id_column="id", max_tokens_column="max_tokens",
+            runtime="vllm",
+        )
+        assert response.status_code == 201, response.text
+        created = response.json()
+        wait_for_batch(client, created["id"])
+        rows = csv_rows(client.get(f"/v1/batches/{created['id']}/results").text)
+    assert created["counts"]["submitted"] == 2 and created["counts"]["rejected"] == 3
+    assert [(p["line"], p["index"]) for p in created["rejected_rows"]] == [(3, 1), (4, 2), (5, 3)]
+    assert "expected 3 fields" in created["rejected_rows"][0]["message"]
+    assert "prompt" in created["rejected_rows"][1]["message"]
+    assert "max_tokens" in created["rejected_rows"][2]["message"]
+    assert [r["status"] for r in rows] == [
+        "succeeded", "rejected", "rejected", "rejected", "succeeded"
+    ]
+    assert [r["id"] for r in rows] == ["a", "1", "c", "d", "e"]
+
+
+def test_strict_batch_is_refused_whole(stack: Stack) -> None:
+    text = "prompt,temperature\nok,0.5\nbad,7\nok again,0.1\n"
+    with stack.client() as client:
+        before = len(httpx.get(f"{stack.vllm.url}/_standin/requests").json())
+        response = upload(
+            client, "strict.csv", text, strict=True, temperature_column="temperature",
+            runtime="vllm",
+        )
+    assert response.status_code == 422
+    body = response.json()
+    assert body["code"] == "invalid_batch" and "line 3" in body["detail"]
+    assert body["errors"] == [{"line": 3, "index": 1, "message": body["errors"][0]["message"]}]
+    assert "temperature" in body["errors"][0]["message"]
+    time.sleep(0.3)
+    assert len(httpx.get(f"{stack.vllm.url}/_standin/requests").json()) == before
+
+
+def test_unreadable_files_are_refused(stack: Stack) -> None:
+    with stack.client() as client:
+        missing = upload(client, "x.csv", "question\nhi\n")
+        empty = upload(client, "x.csv", "")
+        jsonl = upload(client, "x.jsonl", '{"prompt": "a"}\nnot json\n', runtime="vllm")
+        unserved = upload(client, "x.csv", "prompt\nhi\n", runtime="tgi")
+    assert missing.status_code == 422 and "'prompt'" in missing.json()["detail"]
+    assert empty.status_code == 422 and "empty" in empty.json()["detail"]
+    assert unserved.status_code == 422
+    assert jsonl.status_code == 201
+    assert jsonl.json()["rejected_rows"][0]["line"] == 2
+    assert "invalid JSON" in jsonl.json()["rejected_rows"][0]["message"]
+
+
+def test_cancel_stops_what_has_not_run(stack: Stack) -> None:
+    # A slow backend keeps most rows queued while we cancel.
+    httpx.post(f"{stack.vllm.url}/_standin/faults", json={"latency_s": 0.5, "count": -1})
+    try:
+        lines = ["prompt"] + [f"p{i}" for i in range(200)]
+        with stack.client() as client:
+            created = upload(client, "slow.csv", "\n".join(lines), runtime="vllm").json()
+            cancelled = client.delete(f"/v1/batches/{created['id']}")
+            assert cancelled.status_code == 200
+            assert cancelled.json()["status"] in {"cancelling", "cancelled"}
+            batch = wait_for_batch(client, created["id"])
+            rows = client.get(
+                f"/v1/batches/{created['id']}/results", params={"format": "jsonl"}
+            ).text.splitlines()
+    finally:
+        httpx.delete(f"{stack.vllm.url}/_standin/faults")
+    counts = batch["counts"]
+    assert batch["status"] == "cancelled"
+    assert counts["cancelled"] > 100
+    assert counts["succeeded"] + counts["failed"] + counts["cancelled"] == 200
+    assert sum(json.loads(r)["status"] == "cancelled" for r in rows) == counts["cancelled"]
+
+
+def test_unknown_batch_is_404(stack: Stack) -> None:
+    with stack.client() as client:
+        assert client.get("/v1/batches/nope").json()["code"] == "batch_not_found"
+        assert client.get("/v1/batches/nope/results").status_code == 404
+        assert client.delete("/v1/batches/nope").status_code == 404
