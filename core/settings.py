@@ -153,6 +153,9 @@ class Settings(BaseSettings):
     auth_enabled: bool = Field(
         False, description="Require `Authorization: Bearer <key>` (keys: `reasonq keys create`)."
     )
+    client_api_key: str | None = Field(
+        None, description="Bearer key `reasonq-submit` sends (its --api-key overrides)."
+    )
 
     # --- webhooks and event streams ----------------------------------------------------
     webhook_secret: SecretStr | None = Field(
