@@ -23,11 +23,18 @@ PROMPTS = [
     ),
 ]
 
-pytestmark = pytest.mark.skipif(
-    not all((f / MARKER).is_file() for f in FOLDERS.values()),
-    reason="SmolLM2 not converted: run `reasonq fetch-default-model --precision int4` "
-    "(make test does)",
-)
+
+def _needs(*variants: str, flag: str = ""):
+    missing = [v for v in variants if not (FOLDERS[v] / MARKER).is_file()]
+    return pytest.mark.skipif(
+        bool(missing),
+        reason=f"SmolLM2 {'/'.join(missing)} not converted: run "
+        f"`reasonq fetch-default-model{flag}`",
+    )
+
+
+needs_fp32 = _needs("hf", "fp32")
+needs_int4 = _needs("int4", flag=" --precision int4")
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +72,7 @@ def _without_eos(tokens: list[int], eos: set[int]) -> list[int]:
     return tokens[: next((i for i, t in enumerate(tokens) if t in eos), len(tokens))]
 
 
+@needs_fp32
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_fp32_greedy_matches_transformers(fp32, hf_model, prompt):
     import torch
@@ -76,6 +84,7 @@ def test_fp32_greedy_matches_transformers(fp32, hf_model, prompt):
     assert ours == _without_eos(out[0, len(ids) :].tolist(), eos)
 
 
+@needs_fp32
 def test_fp32_knows_paris(fp32):
     from runtimes.base import GenerationRequest
 
@@ -85,6 +94,7 @@ def test_fp32_knows_paris(fp32):
     assert completion.finish_reason == "stop"
 
 
+@needs_int4
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_int4_greedy_matches_genai(int4, prompt):
     import onnxruntime_genai as og
