@@ -17,8 +17,9 @@ from api.auth import AuthMiddleware
 from api.body_limit import BodyLimitMiddleware
 from api.events import EventHub
 from api.metrics import MetricsMiddleware
-from api.routes import batches, health, jobs, metrics
+from api.routes import batches, events, health, jobs, metrics
 from core.errors import (
+    CallbackRefused,
     IdempotencyConflict,
     JobNotFound,
     ReasonqError,
@@ -28,7 +29,13 @@ from core.errors import (
 from core.jobs import JobStore
 from core.settings import Settings
 
-_STATUS = {JobNotFound: 404, RoutingError: 422, IdempotencyConflict: 409, TooManyRequests: 429}
+_STATUS = {
+    JobNotFound: 404,
+    RoutingError: 422,
+    CallbackRefused: 422,
+    IdempotencyConflict: 409,
+    TooManyRequests: 429,
+}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -79,5 +86,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(jobs.router)
+    app.include_router(events.router)
     app.include_router(batches.router)
     return app

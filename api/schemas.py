@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
 from core.settings import settings
 
@@ -39,6 +39,12 @@ class JobCreate(BaseModel):
     stop: list[str] | None = Field(None, max_length=8)
     priority: int = Field(5, ge=0, le=9, description="0 lowest, 9 highest.")
     metadata: dict[str, Any] = Field(default_factory=dict, description="Echoed back as given.")
+    callback_url: HttpUrl | None = Field(
+        None,
+        max_length=2048,
+        description="POSTed the final job, signed (docs/webhooks.md). Must be a public "
+        "address unless the server allow-lists it.",
+    )
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -88,6 +94,18 @@ class JobError(BaseModel):
     retryable: bool
 
 
+class WebhookPublic(BaseModel):
+    """Where a job's webhook delivery stands: attempts so far and how the last one went."""
+
+    url: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    last_status: int | None = None
+    last_error: str | None = None
+    delivered_at: datetime | None = None
+    next_attempt_at: datetime | None = None
+
+
 class JobPublic(BaseModel):
     id: str
     url: str
@@ -103,6 +121,9 @@ class JobPublic(BaseModel):
     attempts: int = 0
     result: JobResult | None = None
     error: JobError | None = None
+    webhook: WebhookPublic | None = Field(
+        None, description="Delivery of the job's callback_url; null without one."
+    )
 
 
 class ErrorResponse(BaseModel):

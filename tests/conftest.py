@@ -16,6 +16,7 @@ from tests.cluster import RedisServer, Service, service_env, start_api, start_wo
 from tests.standins.server_thread import StandInProcess
 
 ROUTING = {"onnx": "cpu", "ollama": "cpu", "vllm": "gpu"}
+WEBHOOK_SECRET = "test-webhook-secret"
 
 
 @dataclass
@@ -56,6 +57,13 @@ def stack(log_dir: Path) -> Iterator[Stack]:
         retry_backoff_s=0.05,
         retry_backoff_max_s=0.2,
         retry_max_attempts=4,
+        # Webhook receivers in tests listen on loopback; retries come fast.
+        webhook_secret=WEBHOOK_SECRET,
+        webhook_allow_hosts=["127.0.0.1"],
+        webhook_backoff_s=0.1,
+        webhook_backoff_max_s=0.4,
+        webhook_poll_interval_s=0.05,
+        webhook_max_attempts=4,
     )
     workers = {
         "cpu": start_worker("cpu", ["cpu"], env, log_dir),

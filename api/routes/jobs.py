@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
@@ -13,11 +13,13 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import HubDep, OwnerDep, RedisDep, SettingsDep, StoreDep
 from api.limits import QuotaDep, RateLimit
-from api.schemas import ErrorResponse, JobCreate, JobPublic, timestamp
+from api.schemas import ErrorResponse, JobCreate, JobPublic
 from api.submission import build_record, new_job_id, publish
 from core import keys
 from core.errors import IdempotencyConflict, JobNotFound
 from core.jobs import TERMINAL, JobStatus, JobStore
+from core.public import job_view
+from core.webhooks import check_callback_url, enqueue_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -25,22 +27,8 @@ NOT_FOUND = {404: {"model": ErrorResponse, "description": "Unknown job"}}
 
 
 def job_public(record: dict[str, str], base_url: str) -> JobPublic:
-    return JobPublic(
-        id=record["id"],
-        url=f"{base_url}/v1/jobs/{record['id']}",
-        status=record["status"],
-        task_type=record["task_type"],
-        runtime=record["runtime"],
-        queue=record["queue"],
-        priority=int(record["priority"]),
-        metadata=json.loads(record.get("metadata", "{}")),
-        created_at=timestamp(record["created_at"]),
-        started_at=timestamp(record.get("started_at")),
-        finished_at=timestamp(record.get("finished_at")),
-        attempts=int(record.get("attempts", 0)),
-        result=json.loads(record["result"]) if "result" in record else None,
-        error=json.loads(record["error"]) if "error" in record else None,
-    )
+    # The same view webhooks carry (core.public), so a callback and a GET agree.
+    return JobPublic.model_validate(job_view(record, base_url))
 
 
 def base_url(request: Request, public_url: str | None) -> str:
@@ -77,7 +65,14 @@ async def create_job(
 ) -> JobPublic:
     """Queue a job; answers at once with its id and URL. Poll the URL or wait on it."""
     job_id = new_job_id()
-    record = build_record(job, job_id, settings, owner)
+    callback_url = str(job.callback_url) if job.callback_url else None
+    if callback_url:
+        await check_callback_url(callback_url, settings)
+    record = build_record(
+        job, job_id, settings, owner, callback_url=callback_url,
+        # The API's URL as this client sees it: the job link in the webhook body.
+        api_url=base_url(request, settings.public_url) if callback_url else None,
+    )
     if idempotency_key:
         fingerprint = hashlib.sha256(job.model_dump_json().encode()).hexdigest()
         existing = await claim_idempotency_key(
@@ -153,6 +148,7 @@ async def cancel_job(
     request: Request,
     settings: SettingsDep,
     store: StoreDep,
+    redis: RedisDep,
     hub: HubDep,
     owner: OwnerDep,
 ) -> JobPublic:
@@ -163,6 +159,10 @@ async def cancel_job(
         record = await wait_for_end(store, hub, job_id, owner, 10.0)
     else:
         record = await read_job(store, job_id, owner)
+        if "callback_url" in record and record["status"] == JobStatus.CANCELLED:
+            # Send now, not when a worker meets the cancelled job's message in the queue.
+            await enqueue_job(redis, job_id, settings, time.time())
+            record = await read_job(store, job_id, owner)
     return job_public(record, base_url(request, settings.public_url))
 
 
