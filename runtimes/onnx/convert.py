@@ -135,7 +135,7 @@ def convert(
         partial = out.with_name(out.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         _run_builder(src, partial, precision, device, Path(tmp) / "cache")
-    _finish(src, partial, max_length)
+        _finish(src, partial, max_length)  # inside: a dequantized src lives in tmp
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)

@@ -110,3 +110,24 @@ def test_int4_greedy_matches_genai(int4, prompt):
         generator.generate_next_token()
         theirs.append(int(generator.get_next_tokens()[0]))
     assert ours == _without_eos(theirs, set(int4.layout.eos_ids))
+
+
+GGUF = FOLDERS["hf"].parent.parent / "downloads" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.skipif(
+    not GGUF.is_file(), reason=f"{GGUF} not fetched: run reasonq fetch-default-model"
+)
+def test_convert_from_gguf_file(tmp_path):
+    """``reasonq convert file.gguf``: dequantized, built, and complete with its side files."""
+    import onnxruntime_genai as og
+
+    from runtimes.onnx.convert import main
+
+    out = tmp_path / "smollm2"
+    assert main([str(GGUF), "-o", str(out), "--max-length", "2048"]) == 0
+    for name in ("genai_config.json", "model.onnx", "tokenizer.json", "tokenizer_config.json",
+                 "generation_config.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    assert not list(tmp_path.glob("*.partial"))
+    og.Model(str(out))
