@@ -13,6 +13,7 @@ from api.batch_results import stream_results
 from api.batch_schemas import BatchCounts, BatchCreate, BatchInvalid, BatchPublic, RowProblem
 from api.batches import ColumnRows, Ingest, enqueue_rows, first_errors, text_stream
 from api.deps import BatchesDep, OwnerDep, SettingsDep
+from api.limits import RateLimit
 from api.routes.jobs import base_url
 from api.schemas import ErrorResponse, timestamp
 from api.submission import new_job_id, route
@@ -76,6 +77,7 @@ async def read_batch(batches: BatchStore, batch_id: str, owner: str) -> dict[str
     status_code=status.HTTP_201_CREATED,
     response_model=BatchPublic,
     responses={422: {"model": BatchInvalid, "description": "Unreadable file or bad rows"}},
+    dependencies=[RateLimit],  # one batch is one submission against the key's rate limit
 )
 async def create_batch(
     file: UploadFile,
