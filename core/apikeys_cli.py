@@ -43,10 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     create = commands.add_parser("create", help="Create a key and print it (once).")
     create.add_argument("--name", required=True, help="Who the key is for (team, service).")
     create.add_argument(
-        "--rate-limit", type=parse_rate, help="Job submissions allowed, e.g. 5/s or 300/m."
+        "--rate-limit", type=parse_rate, metavar="N/s",
+        help="Job submissions allowed, e.g. 5/s, 300/m or 1000/h.",
     )
     create.add_argument(
-        "--max-concurrent-jobs", type=positive_int, help="Queued + running jobs allowed."
+        "--max-concurrent-jobs", type=positive_int, metavar="N",
+        help="Queued + running jobs allowed.",
     )
     commands.add_parser("list", help="List keys with their limits and active jobs.")
     revoke = commands.add_parser("revoke", help="Revoke a key; it is refused at once.")
