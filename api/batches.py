@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol, TextIO
 
@@ -88,10 +89,16 @@ class Chunk:
     error: str | None = None
 
 
-def text_stream(binary: IO[bytes]) -> TextIO:
-    """The upload as text from its start; a UTF-8 byte-order mark is dropped."""
+@contextmanager
+def text_stream(binary: IO[bytes]) -> Iterator[TextIO]:
+    """The upload as text from its start (a UTF-8 byte-order mark dropped). Detached on
+    exit: closing the wrapper would close the upload, which strict mode reads twice."""
     binary.seek(0)
-    return io.TextIOWrapper(binary, encoding="utf-8-sig", newline="")  # type: ignore[arg-type]
+    text = io.TextIOWrapper(binary, encoding="utf-8-sig", newline="")  # type: ignore[arg-type]
+    try:
+        yield text
+    finally:
+        text.detach()
 
 
 def validation_reason(exc: ValidationError) -> str:

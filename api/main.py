@@ -17,7 +17,7 @@ from api.auth import AuthMiddleware
 from api.body_limit import BodyLimitMiddleware
 from api.events import EventHub
 from api.metrics import MetricsMiddleware
-from api.routes import batches, events, health, jobs, metrics
+from api.routes import batches, events, health, jobs, metrics, openai_batches
 from core.errors import (
     CallbackRefused,
     IdempotencyConflict,
@@ -88,4 +88,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(events.router)
     app.include_router(batches.router)
+    app.include_router(openai_batches.router)
     return app

@@ -121,6 +121,10 @@ def test_strict_batch_is_refused_whole(stack: Stack) -> None:
     time.sleep(0.3)
     assert len(httpx.get(f"{stack.vllm.url}/_standin/requests").json()) == before
 
+    with stack.client() as client:
+        good = upload(client, "strict.csv", "prompt\nok\nok too\n", strict=True, runtime="vllm")
+    assert good.status_code == 201 and good.json()["counts"]["submitted"] == 2
+
 
 def test_unreadable_files_are_refused(stack: Stack) -> None:
     with stack.client() as client:

@@ -98,24 +98,27 @@ async def create_batch(
     to_job = ColumnRows(columns)
     try:
         fmt = detect_format(file.filename, options.format)
-        header, rows = read_rows(text_stream(file.file), fmt)
-        columns.check_header(header)
-        if options.strict:
-            errors = await run_in_threadpool(first_errors, rows, to_job, settings)
-            if errors:
-                invalid = BatchInvalid(
-                    detail=f"{len(errors)} bad row(s), nothing enqueued; first: {errors[0]}",
-                    errors=problems(errors),
-                )
-                return JSONResponse(invalid.model_dump(), status_code=422)
-            _, rows = read_rows(text_stream(file.file), fmt)
+        with text_stream(file.file) as text:
+            header, rows = read_rows(text, fmt)
+            columns.check_header(header)
+            errors = []
+            if options.strict:  # a first pass over the whole file: all good, or nothing runs
+                errors = await run_in_threadpool(first_errors, rows, to_job, settings)
     except TableError as exc:
         return JSONResponse({"detail": str(exc), "code": "invalid_file"}, status_code=422)
+    if errors:
+        invalid = BatchInvalid(
+            detail=f"{len(errors)} bad row(s), nothing enqueued; first: {errors[0]}",
+            errors=problems(errors),
+        )
+        return JSONResponse(invalid.model_dump(), status_code=422)
     batch_id = new_job_id()
     await batches.create(
         batch_id, {"owner": owner, "filename": file.filename, "format": fmt, "kind": "reasonq"}
     )
-    ingest = await enqueue_rows(rows, to_job, batch_id, owner, batches, settings)
+    with text_stream(file.file) as text:
+        _, rows = read_rows(text, fmt)
+        ingest = await enqueue_rows(rows, to_job, batch_id, owner, batches, settings)
     url = base_url(request, settings.public_url)
     return batch_public(await read_batch(batches, batch_id, owner), url, ingest)
 
