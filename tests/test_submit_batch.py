@@ -27,7 +27,8 @@ def submit_cmd(stack: Stack, *args: object) -> list[str]:
 
 def run_submit(stack: Stack, *args: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        submit_cmd(stack, *args), cwd=ROOT, env=stack.env, capture_output=True, text=True,
+        submit_cmd(stack, *args), check=False, cwd=ROOT, env=stack.env, capture_output=True,
+        text=True,
         timeout=120,
     )
 
