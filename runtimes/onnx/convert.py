@@ -121,21 +121,29 @@ def convert(
         raise ConversionError("fp16 is a GPU format: use --device cuda (or fp32/int4 for CPU)")
     if max_length is not None and max_length < 1:
         raise ConversionError(f"--max-length must be positive, not {max_length}")
+    if out.is_file():
+        raise ConversionError(f"{out} is a file, not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConversionError(f"{out} exists and is not empty (pass --force to replace it)")
     gguf = _find_gguf(src, gguf_file)
 
-    with tempfile.TemporaryDirectory(prefix="reasonq-convert-") as tmp:
-        if gguf is not None:
-            hf_dir = Path(hf_dir) if hf_dir is not None else Path(tmp) / "hf"
-            print(f"dequantizing {gguf} -> {hf_dir}", flush=True)
-            gguf_to_hf(gguf, hf_dir)
-            src = hf_dir
-        _check_hf_folder(src)
-        partial = out.with_name(out.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        _run_builder(src, partial, precision, device, Path(tmp) / "cache")
-        _finish(src, partial, max_length)  # inside: a dequantized src lives in tmp
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    # beside OUT, not in /tmp: a dequantized 4B model is 15 GB
+    with tempfile.TemporaryDirectory(prefix=".reasonq-convert-", dir=out.parent) as tmp:
+        try:
+            if gguf is not None:
+                hf_dir = Path(hf_dir) if hf_dir is not None else Path(tmp) / "hf"
+                print(f"dequantizing {gguf} -> {hf_dir}", flush=True)
+                gguf_to_hf(gguf, hf_dir)
+                src = hf_dir
+            _check_hf_folder(src)
+            shutil.rmtree(partial, ignore_errors=True)
+            _run_builder(src, partial, precision, device, Path(tmp) / "cache")
+            _finish(src, partial, max_length)  # inside: a dequantized src lives in tmp
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)

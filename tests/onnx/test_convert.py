@@ -161,3 +161,24 @@ def test_cli_reports_errors(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([str(tmp_path), "-o", str(tmp_path / "out"), "--precision", "int8"])
+
+
+def test_fp16_for_cuda(hf_llama, tmp_path):
+    """Built on a machine without a GPU: the folder names the CUDA provider."""
+    out = convert(hf_llama, tmp_path / "fp16", "fp16")
+    genai = json.loads((out / "genai_config.json").read_text())
+    assert "cuda" in genai["model"]["decoder"]["session_options"]["provider_options"][0]
+    model = onnx.load(out / "model.onnx", load_external_data=False)
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+
+def test_builder_failure_is_reported_and_cleaned_up(hf_llama, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in hf_llama.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "architectures": ["FooForCausalLM"]}))
+    with pytest.raises(ConversionError, match="model builder failed"):
+        convert(src, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
