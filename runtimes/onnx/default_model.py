@@ -16,6 +16,7 @@ marker is there and redone when an earlier run was interrupted.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import shutil
 import subprocess
 import sys
@@ -80,15 +81,23 @@ def ensure(precisions: tuple[str, ...] = ("fp32",), data_dir: Path | None = None
     folders = {v: model_dir(v, data_dir) for v in ("hf", *precisions)}
     if all(_done(f) for f in folders.values()):
         return folders
+    folders["hf"].parent.mkdir(parents=True, exist_ok=True)
+    # two workers (or test sessions) starting together: the second waits, then finds it done
+    with open(folders["hf"].parent / f".{NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _build(folders, precisions, data_dir)
+    return folders
+
+
+def _build(folders: dict[str, Path], precisions: tuple[str, ...], data_dir: Path | None) -> None:
     hf = folders["hf"]
     if not _done(hf):
         gguf = _fetch_gguf(Path(data_dir or settings.data_dir).expanduser() / "downloads")
         print(f"dequantizing {gguf.name} -> {hf}", flush=True)
         shutil.rmtree(hf, ignore_errors=True)
-        with tempfile.TemporaryDirectory(dir=hf.parent.parent, prefix="hf-") as tmp:
+        with tempfile.TemporaryDirectory(dir=hf.parent.parent, prefix=".hf-") as tmp:
             gguf_to_hf(gguf, Path(tmp) / "hf")
             _mark(Path(tmp) / "hf")
-            hf.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(Path(tmp) / "hf"), hf)
     for precision in precisions:
         out = folders[precision]
@@ -98,7 +107,6 @@ def ensure(precisions: tuple[str, ...] = ("fp32",), data_dir: Path | None = None
         print(f"converting {hf.name} -> {out} ({precision})", flush=True)
         convert(hf, out, precision=precision, device="cpu", overwrite=True)
         _mark(out)
-    return folders
 
 
 def main(argv: list[str] | None = None) -> int:

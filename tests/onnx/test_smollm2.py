@@ -131,3 +131,16 @@ def test_convert_from_gguf_file(tmp_path):
         assert (out / name).is_file(), name
     assert not list(tmp_path.glob("*.partial"))
     og.Model(str(out))
+
+
+@needs_int4
+@needs_fp32
+def test_fetch_default_model_is_idempotent(capsys):
+    import time
+
+    from runtimes.onnx.default_model import main
+
+    start = time.monotonic()
+    assert main(["--precision", "int4"]) == 0
+    assert time.monotonic() - start < 5
+    assert "nothing to do" in capsys.readouterr().out
