@@ -1,0 +1,155 @@
+"""Server-sent events end to end: real workers stream Ollama stand-in tokens through Redis
+pub/sub and the API to an HTTP client reading ``/v1/jobs/{id}/events``.
+
+The stand-in's Ollama engine steps every ~22 ms, so a job of 30 tokens streams for ~0.7 s.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import redis
+
+from core import keys
+from tests.conftest import Stack, wait_for_job
+
+
+@dataclass
+class Event:
+    name: str
+    data: dict
+    at: float  # time.time() when the client read it
+
+
+def events(client: httpx.Client, job_id: str) -> Iterator[Event]:
+    """Parse the stream as a client would; ends when the server ends it."""
+    with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        name, data = None, None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                data = json.loads(line.removeprefix("data: "))
+            elif line == "" and name is not None:
+                yield Event(name, data, time.time())
+                name, data = None, None
+
+
+def submit(client: httpx.Client, **job: object) -> str:
+    response = client.post("/v1/jobs", json={"runtime": "ollama", **job})
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+@pytest.fixture
+def ollama(stack: Stack) -> Iterator[httpx.Client]:
+    control = httpx.Client(base_url=stack.ollama.url)
+    control.delete("/_standin/faults")
+    control.delete("/_standin/requests")
+    yield control
+    control.delete("/_standin/faults")
+    control.close()
+
+
+def test_tokens_stream_then_result(stack: Stack, ollama: httpx.Client) -> None:
+    # The backend waits 0.5 s before generating, so the stream is open before the first token.
+    ollama.post("/_standin/faults", json={"latency_s": 0.5})
+    with stack.client() as client:
+        job_id = submit(client, prompt="Count slowly, please.", max_tokens=30)
+        seen = list(events(client, job_id))
+    names = [e.name for e in seen]
+    assert names[0] == "status" and seen[0].data["status"] in {"queued", "running"}
+    assert names[-2:] == ["status", "result"] and seen[-2].data == {"status": "succeeded"}
+    tokens = [e for e in seen if e.name == "token"]
+    assert len(tokens) >= 3, names  # streamed in pieces, not all at the end
+    assert names.index("token") > names.index("status")
+    assert max(i for i, n in enumerate(names) if n == "token") < len(names) - 2
+    result = seen[-1].data
+    assert result["id"] == job_id and result["status"] == "succeeded"
+    assert "".join(e.data["text"] for e in tokens) == result["result"]["text"]
+    # Latency: the stand-in logs when it produced the first token (same clock, same host).
+    produced = ollama.get("/_standin/requests").json()[-1]["scheduled_at"]
+    latency = tokens[0].at - produced
+    print(f"first token latency {latency * 1000:.0f} ms")
+    assert latency < 0.1, f"first token reached the watcher {latency * 1000:.0f} ms late"
+
+
+def test_ended_job_sends_result_at_once(stack: Stack) -> None:
+    with stack.client() as client:
+        job_id = submit(client, prompt="hi", runtime="vllm")
+        job = wait_for_job(client, job_id)
+        began = time.monotonic()
+        seen = list(events(client, job_id))
+    assert time.monotonic() - began < 1.0
+    assert [e.name for e in seen] == ["status", "result"]
+    assert seen[0].data == {"status": "succeeded"}
+    assert seen[1].data == job
+
+
+def test_late_subscriber_gets_state_then_everything_so_far(
+    stack: Stack, ollama: httpx.Client
+) -> None:
+    with stack.client() as client:
+        job_id = submit(client, prompt="Tell me a long story.", max_tokens=40)
+        while client.get(f"/v1/jobs/{job_id}").json()["status"] != "running":
+            time.sleep(0.01)
+        time.sleep(0.3)  # tokens pile up in the worker while nobody watches
+        seen = list(events(client, job_id))
+    assert seen[0].name == "status" and seen[0].data == {"status": "running"}
+    tokens = [e.data["text"] for e in seen if e.name == "token"]
+    # Nobody watched before: the first token event carries all the text generated so far.
+    assert "".join(tokens) == seen[-1].data["result"]["text"]
+    assert len(tokens[0]) > len(tokens[-1])
+
+
+def test_two_watchers_get_the_same_stream(stack: Stack, ollama: httpx.Client) -> None:
+    ollama.post("/_standin/faults", json={"latency_s": 0.3})
+    results: list[list[Event]] = []
+    with stack.client() as client:
+        job_id = submit(client, prompt="Two readers.", max_tokens=20)
+        readers = [
+            threading.Thread(target=lambda: results.append(list(events(client, job_id))))
+            for _ in range(2)
+        ]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join(10)
+    assert len(results) == 2
+    texts = ["".join(e.data["text"] for e in seen if e.name == "token") for seen in results]
+    assert texts[0] == texts[1] == results[0][-1].data["result"]["text"]
+    with redis.Redis.from_url(stack.redis.url) as r:
+        assert not r.exists(keys.job_watchers(job_id))
+
+
+def test_a_client_that_leaves_stops_watching(stack: Stack, ollama: httpx.Client) -> None:
+    ollama.post("/_standin/faults", json={"latency_s": 3})  # the job stays running meanwhile
+    watchers = redis.Redis.from_url(stack.redis.url)
+    with stack.client() as client:
+        job_id = submit(client, prompt="A long answer.")
+        with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+            lines = response.iter_lines()  # kept: dropping it closes the connection
+            assert next(lines) == "event: status"
+            assert watchers.smembers(keys.job_watchers(job_id)) != set()
+        deadline = time.monotonic() + 2
+        while watchers.exists(keys.job_watchers(job_id)):
+            assert time.monotonic() < deadline, "the closed stream still watches"
+            time.sleep(0.02)
+        assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
+        assert client.delete(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
+    watchers.close()
+
+
+def test_unknown_job_is_404(stack: Stack) -> None:
+    with stack.client() as client:
+        response = client.get("/v1/jobs/nope/events")
+    assert response.status_code == 404
+    assert response.json()["code"] == "job_not_found"
