@@ -27,9 +27,9 @@ class Event:
     at: float  # time.time() when the client read it
 
 
-def events(client: httpx.Client, job_id: str) -> Iterator[Event]:
+def events(client: httpx.Client, job_id: str, kind: str = "jobs") -> Iterator[Event]:
     """Parse the stream as a client would; ends when the server ends it."""
-    with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+    with client.stream("GET", f"/v1/{kind}/{job_id}/events") as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         name, data = None, None
@@ -78,7 +78,6 @@ def test_tokens_stream_then_result(stack: Stack, ollama: httpx.Client) -> None:
     # Latency: the stand-in logs when it produced the first token (same clock, same host).
     produced = ollama.get("/_standin/requests").json()[-1]["scheduled_at"]
     latency = tokens[0].at - produced
-    print(f"first token latency {latency * 1000:.0f} ms")
     assert latency < 0.1, f"first token reached the watcher {latency * 1000:.0f} ms late"
 
 
@@ -153,3 +152,25 @@ def test_unknown_job_is_404(stack: Stack) -> None:
         response = client.get("/v1/jobs/nope/events")
     assert response.status_code == 404
     assert response.json()["code"] == "job_not_found"
+
+
+def test_batch_progress_then_result(stack: Stack, ollama: httpx.Client) -> None:
+    # 12 rows of ~10 tokens on Ollama's 4 slots: three waves of ~0.25 s.
+    rows = "prompt\n" + "".join(f"What is {i} squared?\n" for i in range(12))
+    form = {"runtime": "ollama", "max_tokens": "10"}
+    with stack.client() as client:
+        created = client.post("/v1/batches", files={"file": ("rows.csv", rows.encode())}, data=form)
+        assert created.status_code == 201, created.text
+        batch_id = created.json()["id"]
+        seen = list(events(client, batch_id, "batches"))
+        final = client.get(f"/v1/batches/{batch_id}").json()
+        again = list(events(client, batch_id, "batches"))  # ended: the result at once
+        unknown = client.get("/v1/batches/nope/events")
+    assert seen[-1].name == "result" and seen[-1].data["status"] == "completed"
+    assert seen[-1].data["counts"] == final["counts"] and final["counts"]["succeeded"] == 12
+    progress = [e.data for e in seen if e.name == "progress"]
+    assert all(p["status"] in {"ingesting", "in_progress"} for p in progress)
+    done = [p["counts"]["succeeded"] for p in progress]
+    assert len(done) >= 3 and done == sorted(done), done  # moved as jobs ended
+    assert [e.name for e in again] == ["result"] and again[0].data["counts"] == final["counts"]
+    assert unknown.status_code == 404

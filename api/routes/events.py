@@ -1,4 +1,5 @@
-"""Server-sent events: a job's status changes, its tokens as they are generated, its result.
+"""Server-sent events: a job's status changes, its tokens as they are generated, its result;
+a batch's progress.
 
 ``GET /v1/jobs/{id}/events`` answers ``text/event-stream``::
 
@@ -10,6 +11,10 @@ then ends. The first event is always the job's current status, and a job that al
 gets its result at once. A comment line (``: keep-alive``) goes out on an idle stream every
 ``REASONQ_SSE_KEEPALIVE_S``. Browsers' ``EventSource`` reconnects when a stream ends: close
 it on ``result``.
+
+``GET /v1/batches/{id}/events`` sends ``progress`` (the batch's status and counts) on
+connecting and as its jobs end, at most every ``PROGRESS_EVERY_S``, then ``result`` (the
+batch, as ``GET /v1/batches/{id}`` shows it) once it finished, and ends.
 
 Each connection subscribes the job's channel first, then joins the job's watchers set
 (workers publish tokens only while it exists, and flush what they buffered when it
@@ -31,15 +36,21 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from api.deps import HubDep, OwnerDep, RedisDep, SettingsDep, StoreDep
+from api.deps import BatchesDep, HubDep, OwnerDep, RedisDep, SettingsDep, StoreDep
 from api.events import EventHub
+from api.routes.batches import NOT_FOUND as BATCH_NOT_FOUND
+from api.routes.batches import batch_public, read_batch
 from api.routes.jobs import NOT_FOUND, base_url, job_public, read_job
 from core import keys
+from core.batches import BatchStore
 from core.jobs import TERMINAL, JobStore
 
 router = APIRouter(tags=["events"])
 
 KEEPALIVE = b": keep-alive\n\n"
+
+# Thousands of a batch's jobs may end each second: one progress event covers them all.
+PROGRESS_EVERY_S = 0.25
 
 _STREAM = {200: {"content": {"text/event-stream": {}}, "description": "Server-sent events"}}
 
@@ -198,4 +209,48 @@ async def job_stream(
                 record = {**record, "status": event["status"]}
 
 
-__all__ = ["EventStream", "job_stream", "next_event", "router", "sse"]
+@router.get(
+    "/v1/batches/{batch_id}/events",
+    response_class=Response,
+    responses=BATCH_NOT_FOUND | _STREAM,
+)
+async def batch_events(
+    batch_id: str,
+    request: Request,
+    settings: SettingsDep,
+    batches: BatchesDep,
+    hub: HubDep,
+    owner: OwnerDep,
+) -> EventStream:
+    """Follow a batch as server-sent events: ``progress`` (status and counts) as its jobs
+    end, then ``result`` (the whole batch) once it finished, and the end."""
+    await read_batch(batches, batch_id, owner)
+    url = base_url(request, settings.public_url)
+    return EventStream(batch_stream(batches, hub, batch_id, owner, url, settings.sse_keepalive_s))
+
+
+async def batch_stream(
+    batches: BatchStore, hub: EventHub, batch_id: str, owner: str, url: str, keepalive_s: float
+) -> AsyncIterator[bytes]:
+    """The events of one batch's stream, ending after its ``result``."""
+    async with hub.listen(keys.batch_events(batch_id)) as events:
+        record = await read_batch(batches, batch_id, owner)
+        shown = None
+        while "finished_at" not in record:
+            batch = batch_public(record, url)
+            progress = {"status": batch.status, "counts": batch.counts.model_dump()}
+            if progress != shown:
+                shown = progress
+                yield sse("progress", progress)
+            event = await next_event(events, keepalive_s)
+            if event is None:
+                yield KEEPALIVE
+            elif not event.get("finished"):
+                await asyncio.sleep(PROGRESS_EVERY_S)
+                while not events.empty():  # covered by the read below
+                    events.get_nowait()
+            record = await read_batch(batches, batch_id, owner)
+        yield sse("result", batch_public(record, url).model_dump(mode="json"))
+
+
+__all__ = ["EventStream", "batch_stream", "job_stream", "next_event", "router", "sse"]
