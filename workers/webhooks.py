@@ -30,7 +30,9 @@ class WebhookSender:
         self.settings = settings
         self.queue = DeliveryQueue(redis, settings.result_ttl_s)
         # No redirects (a 3xx could point anywhere) and no proxies from the environment.
-        self.client = httpx.AsyncClient(follow_redirects=False, trust_env=False)
+        self.client = httpx.AsyncClient(
+            timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False
+        )
         self.sending: set[asyncio.Task[None]] = set()
         # An attempt is cut off at webhook_timeout_s; the lease outlives it, so a live
         # worker's attempt is never claimed twice.
@@ -69,9 +71,8 @@ class WebhookSender:
         error: str | None = None
         try:
             async with asyncio.timeout(self.settings.webhook_timeout_s):
-                response = await self.post(claim)
-            status = response.status_code
-            if not response.is_success:
+                status = await self.post(claim)
+            if not 200 <= status < 300:
                 error = f"HTTP {status}"
         except TimeoutError:
             error = f"no answer within {self.settings.webhook_timeout_s:g} s"
@@ -80,19 +81,24 @@ class WebhookSender:
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         s, now = self.settings, time.time()
-        if error is None:
-            await self.queue.record(claim, now, "delivered", status, None)
-        elif claim.attempt >= s.webhook_max_attempts:
-            log.warning("webhook %s: gave up after %d attempts: %s", claim.delivery_id,
-                        claim.attempt, error)
-            await self.queue.record(claim, now, "failed", status, error)
-        else:
-            delay = min(s.webhook_backoff_max_s, s.webhook_backoff_s * 2 ** (claim.attempt - 1))
-            await self.queue.record(claim, now, "pending", status, error, now + delay)
+        try:
+            if error is None:
+                await self.queue.record(claim, now, "delivered", status, None)
+            elif claim.attempt >= s.webhook_max_attempts:
+                log.warning("webhook %s: gave up after %d attempts: %s", claim.delivery_id,
+                            claim.attempt, error)
+                await self.queue.record(claim, now, "failed", status, error)
+            else:
+                backoff = s.webhook_backoff_s * 2 ** (claim.attempt - 1)
+                delay = min(s.webhook_backoff_max_s, backoff)
+                await self.queue.record(claim, now, "pending", status, error, now + delay)
+        except Exception:  # unrecorded, the attempt is claimed again when its lease ends
+            log.exception("webhook %s: outcome not recorded", claim.delivery_id)
 
-    async def post(self, claim: Claim) -> httpx.Response:
-        """POST to an address checked just now, so a DNS answer that changed since the job
-        was submitted (rebinding to an internal address) is refused, not followed."""
+    async def post(self, claim: Claim) -> int:
+        """POST the signed body; the answer's status. The host is resolved and checked again
+        here, so a DNS answer that changed since submission (rebinding to an internal
+        address) is refused, not followed."""
         url = httpx.URL(claim.url)
         address = (await check_callback_url(claim.url, self.settings))[0]
         secret = self.settings.webhook_secret
@@ -105,7 +111,9 @@ class WebhookSender:
         headers["Host"] = url.netloc.decode("ascii")
         pinned = url.copy_with(host=str(address))
         extensions = {"sni_hostname": url.host} if url.scheme == "https" else {}
-        return await self.client.post(
-            pinned, content=claim.body, headers=headers, extensions=extensions
-        )
+        # Streamed and left unread: only the status matters, whatever size the body.
+        async with self.client.stream(
+            "POST", pinned, content=claim.body, headers=headers, extensions=extensions
+        ) as response:
+            return response.status_code
 
