@@ -4,14 +4,16 @@
 
 Rows (128 new tokens, greedy, CPU): batch 1 for ours, genai's ``Generator`` and
 transformers (fp32 only), each fp32 and int4; genai's static batch of 8; ours with 8 jobs
-arriving 50 ms apart through continuous batching (aggregate tokens/s over the whole run).
-genai and transformers are forced to 128 tokens (min length); ours stops at EOS, so its
-rows count the tokens it actually produced (the prompts are chosen to answer at length).
+arriving 50 ms apart through continuous batching (aggregate tokens/s over the whole run,
+arrivals included). Every engine makes exactly 128 tokens: genai and transformers by a
+minimum length, ours with ``ignore_eos``. Each engine runs in a fresh process: onnxruntime's
+and torch's thread pools slow each other down when they share one.
 
 Time to first token (TTFT) is prompt in -> first token out; decode tok/s is the rest of
 the tokens over the rest of the time. Each row is the median of ``REPEAT`` runs after a
 warm-up. The bandwidth bound is measured memory bandwidth / weight bytes read per decode
-step (every weight once: the tied embedding is read whole by the LM head).
+step (every weight once: the tied embedding is read whole by the LM head). Other work on
+the machine lowers every number (transformers' most); the results record the load average.
 """
 
 from __future__ import annotations
