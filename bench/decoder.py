@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"missing {missing}: run `reasonq fetch-default-model --precision int4`")
         return 1
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     bandwidth = memory_bandwidth_gb_s()
     print(f"memory bandwidth (numpy copy): {bandwidth:.1f} GB/s", flush=True)
     rows: list[dict] = []
@@ -323,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         "stagger_s": STAGGER_S,
         "memory_bandwidth_gb_s": round(bandwidth, 2),
         "weight_bytes": {p: weight_bytes(folders[p]) for p in ("fp32", "int4")},
+        "loadavg_1m_at_start": round(load_at_start, 2),
         "errors": errors,
         "seconds": round(time.perf_counter() - started, 1),
     }
