@@ -57,15 +57,18 @@ class Call:
 
 @dataclass
 class Receiver:
-    """Records every POST; ``fail[path]`` answers that many 500s before the 200s."""
+    """Records every POST; ``fail[path]`` answers that many 500s before the 2xx (-1: all),
+    ``slow[path]`` takes that long to answer."""
 
     url: str = ""
     calls: list[Call] = field(default_factory=list)
     fail: dict[str, int] = field(default_factory=dict)
+    slow: dict[str, float] = field(default_factory=dict)
 
     async def hook(self, request: Request) -> Response:
         path = request.url.path
         self.calls.append(Call(path, dict(request.headers), await request.body(), time.time()))
+        await asyncio.sleep(self.slow.get(path, 0))
         if self.fail.get(path, 0) != 0:
             self.fail[path] -= 1
             return Response("nope", status_code=500)
@@ -156,6 +159,23 @@ def test_delivery_gives_up_after_max_attempts(stack: Stack, receiver: Receiver) 
     assert webhook["last_status"] == 500 and webhook["last_error"] == "HTTP 500"
     assert webhook["delivered_at"] is None and webhook["next_attempt_at"] is None
     assert len(receiver.wait_calls(path, 4)) == 4
+
+
+def test_a_slow_receiver_does_not_slow_jobs(stack: Stack, receiver: Receiver) -> None:
+    path = receiver.path()
+    receiver.slow[path] = 3.0
+    with stack.client() as client:
+        slow_job = submit(client, callback_url=receiver.url + path).json()["id"]
+        receiver.wait_calls(path, 1)  # the worker is now waiting on the receiver
+        began = time.monotonic()
+        for _ in range(3):  # same runtime, so the same worker process
+            job_id = submit(client).json()["id"]
+            job = client.get(f"/v1/jobs/{job_id}", params={"wait": 5}).json()
+            assert job["status"] == "succeeded"
+        took = time.monotonic() - began
+        assert client.get(f"/v1/jobs/{slow_job}").json()["webhook"]["status"] == "pending"
+        assert took < 1.5, f"3 jobs took {took:.2f} s beside a hanging webhook"
+        wait_webhook(client, slow_job, "delivered")
 
 
 @pytest.mark.parametrize(
