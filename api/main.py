@@ -5,13 +5,16 @@ A thin front: it validates, routes and enqueues by task name; it never imports a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
+import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from kombu.exceptions import OperationalError
 
 from api.auth import AuthMiddleware
 from api.body_limit import BodyLimitMiddleware
@@ -28,6 +31,8 @@ from core.errors import (
 )
 from core.jobs import JobStore
 from core.settings import Settings
+
+log = logging.getLogger("reasonq.api")
 
 _STATUS = {
     JobNotFound: 404,
@@ -66,6 +71,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, TooManyRequests) else None
         )
         return JSONResponse({"detail": str(exc), "code": exc.code}, code, headers)
+
+    @app.exception_handler(redis.exceptions.ConnectionError)
+    @app.exception_handler(redis.exceptions.TimeoutError)
+    @app.exception_handler(OperationalError)
+    async def redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # Redis down or restarting (kombu wraps the publish's error): the client may retry
+        # the same request, with its Idempotency-Key, once Redis is back.
+        log.warning("%s %s: Redis unavailable: %s", request.method, request.url.path, exc)
+        return JSONResponse(
+            {"detail": "the job queue (Redis) is unavailable; retry shortly",
+             "code": "redis_unavailable"},
+            503,
+            {"Retry-After": "1"},
+        )  # fmt: skip
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
