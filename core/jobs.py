@@ -92,6 +92,10 @@ _START = _JOB_END + _BATCH_MOVE + """
 for i = 6, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'queued' and status ~= 'running' then return {status, 0} end
+-- This run started already: a retry after the reply was lost (Redis restarted).
+if redis.call('HGET', KEYS[1], 'run_id') == ARGV[2] then
+  return {'running', tonumber(redis.call('HGET', KEYS[1], 'attempts'))}
+end
 if status == 'running' and ARGV[5] == '0' then return {'duplicate', 0} end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 if attempts > tonumber(ARGV[3]) then

@@ -20,10 +20,13 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+import redis.exceptions
+from redis.exceptions import RedisError
 
 from core import keys
 from core.errors import BackendRejected, BackendUnavailable
@@ -37,9 +40,16 @@ from workers.webhooks import WebhookSender
 
 log = logging.getLogger("reasonq.worker")
 
+T = TypeVar("T")
+
 
 # A runtime stops at its next token; one stuck waiting on its backend is cut off after this.
 CANCEL_GRACE_S = 1.0
+
+# Redis unreachable (restarting): a job's start and end are retried this long, then the
+# delivery is handed back to the broker (workers.tasks).
+REDIS_OUTAGE_S = 60.0
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 @dataclass
@@ -107,9 +117,22 @@ class Executor:
     async def _run(
         self, job_id: str, spec: dict[str, Any], delivery_tag: str | None, redelivered: bool
     ) -> dict[str, Any]:
-        run_id = uuid.uuid4().hex
-        outcome, attempts = await self.store.start(
-            job_id, run_id, self.settings.max_attempts, spec, redelivered
+        # Listed from delivery to recorded end, so the control loop renews the delivery's
+        # lease even while a step waits out a Redis outage: no other worker is handed it.
+        job = RunningJob(job_id, delivery_tag)
+        self.running[job_id] = job
+        try:
+            return await self._run_listed(job, spec, redelivered)
+        finally:
+            del self.running[job_id]
+
+    async def _run_listed(
+        self, job: RunningJob, spec: dict[str, Any], redelivered: bool
+    ) -> dict[str, Any]:
+        job_id, run_id = job.job_id, uuid.uuid4().hex
+        outcome, attempts = await _until_redis_answers(
+            lambda: self.store.start(job_id, run_id, self.settings.max_attempts, spec, redelivered),
+            f"job {job_id}: start",
         )
         if outcome != JobStatus.RUNNING:
             log.info("job %s not run: %s", job_id, outcome)
@@ -119,8 +142,6 @@ class Executor:
             return {"job_id": job_id, "status": outcome}
         runtime_name = spec["runtime"]
         request = GenerationRequest(**spec["request"])
-        job = RunningJob(job_id, delivery_tag)
-        self.running[job_id] = job
         started = time.time()
         metrics.QUEUE_WAIT.labels(runtime_name).observe(max(0.0, started - spec["created_at"]))
         status, fields = JobStatus.FAILED, {}
@@ -150,10 +171,11 @@ class Executor:
         except Exception as exc:  # a worker never dies of one job
             log.exception("job %s crashed", job_id)
             fields = {"error": _error("internal_error", f"{type(exc).__name__}: {exc}", False)}
-        finally:
-            del self.running[job_id]
-        await self._flush_tokens(job)
-        finished = await self.store.finish(job_id, run_id, status, fields)
+        with contextlib.suppress(RedisError):  # tokens are best effort; the result is not
+            await self._flush_tokens(job)
+        finished = await _until_redis_answers(
+            lambda: self.store.finish(job_id, run_id, status, fields), f"job {job_id}: finish"
+        )
         if finished:
             metrics.JOBS.labels(status=status.value, runtime=runtime_name).inc()
             await self.webhooks.job_ended(job_id, spec)
@@ -238,12 +260,13 @@ class Executor:
             now = time.time()
             renew = now - self._last_lease_renewal > self.settings.visibility_timeout_s / 4
             if renew:
-                self._last_lease_renewal = now
                 tags = {job.delivery_tag: now for job in jobs if job.delivery_tag}
                 if tags:
                     pipe.zadd(keys.UNACKED_INDEX, tags, xx=True)
                 self.semaphore.renew(pipe, now)
             replies = await pipe.execute()
+        if renew:  # only once it went through: after a Redis outage, renew at once
+            self._last_lease_renewal = now
         for i, job in enumerate(jobs):
             if replies[2 * i] is not None:
                 job.cancel_requested.set()
@@ -258,6 +281,21 @@ class Executor:
         job.published = end
         event = json.dumps({"type": "token", "text": text})
         await self.redis.publish(keys.job_events(job.job_id), event)
+
+
+async def _until_redis_answers(call: Callable[[], Awaitable[T]], what: str) -> T:
+    """``call()``, retried while Redis is unreachable, for up to ``REDIS_OUTAGE_S``."""
+    deadline = time.monotonic() + REDIS_OUTAGE_S
+    delay = 0.1
+    while True:
+        try:
+            return await call()
+        except REDIS_DOWN as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: Redis unavailable (%s); retry in %.1f s", what, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 def _error(code: str, message: str, retryable: bool) -> dict[str, Any]:

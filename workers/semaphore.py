@@ -7,6 +7,7 @@ died stops being renewed and its slot is reclaimed after ``lease_s``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import uuid
@@ -14,6 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from core import keys
 
@@ -40,9 +42,13 @@ class BackendSemaphore:
     async def slot(self, backend: str) -> AsyncIterator[None]:
         key, token = keys.inflight(backend), uuid.uuid4().hex
         delay = 0.005
-        while not await self._acquire(
-            keys=[key], args=[time.time(), self.lease_s, self.limit, token]
-        ):
+        while True:
+            try:
+                args = [time.time(), self.lease_s, self.limit, token]
+                if await self._acquire(keys=[key], args=args):
+                    break
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                pass  # Redis restarting: wait for it as for a full backend (job deadline)
             # Back off while the backend is full, so waiters don't hammer Redis.
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, 0.25)
@@ -51,7 +57,9 @@ class BackendSemaphore:
             yield
         finally:
             del self.held[token]
-            await self.redis.zrem(key, token)
+            # Redis unreachable: the slot's lease runs out instead; the job's result matters.
+            with contextlib.suppress(redis.exceptions.RedisError):
+                await self.redis.zrem(key, token)
 
     def renew(self, pipe: aioredis.client.Pipeline, now: float) -> None:
         """Queue lease renewals for every held slot on ``pipe``."""

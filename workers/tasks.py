@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery.exceptions import Reject
+
 from core.broker import RUN_JOB, app
 from core.settings import settings
-from workers.executor import Executor
+from workers.executor import REDIS_DOWN, Executor
 
 executor = Executor(settings)
 
@@ -17,4 +19,10 @@ def run_job(self: Any, job_id: str, spec: dict[str, Any]) -> dict[str, Any]:
     API having finished writing the job hash."""
     delivery_tag = (self.request.properties or {}).get("delivery_tag")
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
-    return executor.run(job_id, spec, delivery_tag, redelivered)
+    try:
+        return executor.run(job_id, spec, delivery_tag, redelivered)
+    except REDIS_DOWN as exc:
+        # Redis stayed unreachable past the executor's retries: hand the message back (if
+        # Redis is still down, its lease expires and it is restored) rather than ack a job
+        # whose end was never recorded.
+        raise Reject(f"Redis unavailable: {exc}", requeue=True) from exc
