@@ -26,7 +26,7 @@ def test_submit_poll_answer(stack: Stack, runtime: str) -> None:
             task_type="math",
             metadata={"row": 7},
         )
-        assert created["status"] == "queued"
+        assert created["status"] in {"queued", "running"}  # a warm worker may be quick
         assert created["url"] == f"{stack.url}/v1/jobs/{created['id']}"
         job = wait_for_job(client, created["id"])
     assert job["status"] == "succeeded", job
