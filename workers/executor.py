@@ -232,6 +232,9 @@ class Executor:
             return generation.result()
         finally:
             cancel.cancel()
+            # Cancelled from outside (the job's deadline): stop the generation too, which
+            # closes its backend request instead of leaving it running without a slot.
+            generation.cancel()
 
     async def _runtime(self, name: str) -> Runtime:
         if name not in self._runtimes:
