@@ -16,6 +16,7 @@ from core import keys
 from core.broker import app
 from core.settings import settings
 from workers import metrics
+from workers.tasks import executor
 
 HEARTBEAT_S = 5.0
 
@@ -27,6 +28,8 @@ def _on_ready(sender, **_: object) -> None:
     hostname = sender.hostname
     queues = sorted(sender.app.amqp.queues.consume_from)
     metrics.serve(settings.worker_metrics_port)
+    # The loop also sends pending webhooks: start it now, not at the first job.
+    executor.start()
     client = redis.Redis.from_url(settings.redis_url)
     beat = json.dumps({"hostname": hostname, "queues": queues})
 

@@ -78,8 +78,9 @@ class Executor:
         self._last_lease_renewal = 0.0
 
     # --- the loop thread ------------------------------------------------------------
-    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
-        # Lazy: Celery kills a pool child whose start-up takes more than a few seconds.
+    def start(self) -> asyncio.AbstractEventLoop:
+        """Start the loop thread (idempotent). Cheap: runtimes and models load on first use,
+        since a pool child whose start-up takes more than a few seconds is killed."""
         with self._started:
             if self._loop is None:
                 ready = threading.Event()
@@ -109,7 +110,7 @@ class Executor:
         self, job_id: str, spec: dict[str, Any], delivery_tag: str | None, redelivered: bool
     ) -> dict[str, Any]:
         """Run one job to its end; called from a Celery pool thread. Returns a summary."""
-        loop = self._ensure_loop()
+        loop = self.start()
         coroutine = self._run(job_id, spec, delivery_tag, redelivered)
         return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
 
