@@ -18,7 +18,6 @@ the machine lowers every number (transformers' most); the results record the loa
 
 from __future__ import annotations
 
-import concurrent.futures
 import multiprocessing
 import os
 import statistics
@@ -32,7 +31,7 @@ import numpy as np
 from bench.common import write_results
 
 NEW_TOKENS = 128
-REPEAT = 3
+REPEAT = 5
 STAGGER_S = 0.05
 KV_LENGTH = 512
 PROMPTS = [
@@ -212,55 +211,80 @@ class Ours:
         self.runtime.close()
 
 
-# --- the run: each engine in its own process (onnxruntime and torch thread pools interfere) ---
+# --- the run: one process per engine, rounds interleaved -------------------------------------
+#
+# onnxruntime's and torch's thread pools slow each other down in one process, so each engine
+# lives in its own. The engines take turns, one run each per round, so load from elsewhere
+# on the machine falls on all of them alike; the ratios are medians of per-round ratios.
 
 
-def _timed(run, repeat: int = REPEAT) -> list:
-    run()  # warm-up
-    return [run() for _ in range(repeat)]
+def _serve(engine: str, precision: str, folder: Path, conn) -> None:
+    """Engine process: answer ("b1" | "b8") with one run's (ttft_s, total_s, tokens)."""
+    try:
+        prompt, n = PROMPTS[0], len(PROMPTS)
+        if engine == "transformers":
+            hf = Transformers(folder)
+            runs = {"b1": lambda: hf.run(prompt)}
+        elif engine == "genai":
+            genai = Genai(folder)
+            runs = {"b1": lambda: genai.run([prompt]), "b8": lambda: genai.run([prompt] * n)}
+        else:
+            ours = Ours(folder)
+            runs = {"b1": lambda: ours.run(prompt), "b8": lambda: ours.concurrent(PROMPTS)}
+        for run in runs.values():
+            run()  # warm-up
+        conn.send(("ready", sorted(runs)))
+        while (command := conn.recv()) != "stop":
+            conn.send(("ok", runs[command]()))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which goes on
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
 
-def _batch_row(engine: str, precision: str, batch, runs: list[tuple[float, float, int]]) -> dict:
+class EngineProcess:
+    def __init__(self, engine: str, precision: str, folder: Path) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.name = f"{engine} {precision}"
+        self.conn, child = context.Pipe()
+        self.process = context.Process(
+            target=_serve, args=(engine, precision, folder, child), daemon=True
+        )
+        self.process.start()
+        status, self.kinds = self.conn.recv()  # loaded and warm (one at a time: no contention)
+        if status == "error":
+            self.close()
+            raise RuntimeError(self.kinds)
+
+    def run(self, kind: str) -> tuple[float, float, int]:
+        self.conn.send(kind)
+        status, value = self.conn.recv()
+        if status == "error":
+            raise RuntimeError(value)
+        return value
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            try:
+                self.conn.send("stop")
+            except OSError:
+                pass
+            self.process.join(30)
+
+
+def _row(engine: str, precision: str, kind: str, runs: list[tuple[float, float, int]]) -> dict:
+    row = {"engine": engine, "precision": precision}
+    if kind == "b1":
+        return {**row, "batch": 1, **_summary(runs)}
     return {
-        "engine": engine, "precision": precision, "batch": batch,
+        **row, "batch": f"{len(PROMPTS)} staggered" if engine == "ours" else len(PROMPTS),
         "ttft_ms": statistics.median(r[0] for r in runs) * 1000,
         "aggregate_tok_s": statistics.median(r[2] / r[1] for r in runs),
         "tokens": runs[-1][2],
     }  # fmt: skip
 
 
-def measure(engine: str, precision: str, folder: Path) -> list[dict]:
-    """The rows of one engine and precision (run in a fresh process)."""
-    prompt, n = PROMPTS[0], len(PROMPTS)
-    single = {"engine": engine, "precision": precision, "batch": 1}
-    if engine == "transformers":
-        hf = Transformers(folder)
-        return [{**single, **_summary(_timed(lambda: hf.run(prompt)))}]
-    if engine == "genai":
-        genai = Genai(folder)
-        return [
-            {**single, **_summary(_timed(lambda: genai.run([prompt])))},
-            _batch_row(engine, precision, n, _timed(lambda: genai.run([prompt] * n))),
-        ]
-    ours = Ours(folder)
-    try:
-        return [
-            {**single, **_summary(_timed(lambda: ours.run(prompt)))},
-            _batch_row(
-                engine, precision, f"{n} staggered", _timed(lambda: ours.concurrent(PROMPTS))
-            ),
-        ]
-    finally:
-        ours.close()
-
-
-def _measure_elsewhere(engine: str, precision: str, folder: Path) -> tuple[list[dict], str | None]:
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-        try:
-            return pool.submit(measure, engine, precision, folder).result(), None
-        except Exception as exc:  # noqa: BLE001 - one engine failing must not lose the others
-            return [], f"{type(exc).__name__}: {exc}"
+def _rate(kind: str, run: tuple[float, float, int]) -> float:
+    """Decode tok/s of a batch-1 run, aggregate tok/s of a batch run."""
+    return (run[2] - 1) / max(run[1] - run[0], 1e-9) if kind == "b1" else run[2] / run[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,18 +298,37 @@ def main(argv: list[str] | None = None) -> int:
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     bandwidth = memory_bandwidth_gb_s()
     print(f"memory bandwidth (numpy copy): {bandwidth:.1f} GB/s", flush=True)
-    rows: list[dict] = []
+    engines: dict[tuple[str, str], EngineProcess] = {}
     errors: dict[str, str] = {}
     for engine, precision in [("transformers", "fp32"), ("genai", "fp32"), ("genai", "int4"),
                               ("ours", "fp32"), ("ours", "int4")]:  # fmt: skip
         folder = folders["hf" if engine == "transformers" else precision]
-        got, error = _measure_elsewhere(engine, precision, folder)
-        if error:
-            errors[f"{engine} {precision}"] = error
-            print(f"{engine} {precision} failed: {error}", file=sys.stderr, flush=True)
-        for row in got:
-            print(row, flush=True)
-        rows += got
+        try:
+            engines[engine, precision] = EngineProcess(engine, precision, folder)
+        except Exception as exc:  # noqa: BLE001 - one engine failing must not lose the others
+            errors[f"{engine} {precision}"] = str(exc)
+            print(f"{engine} {precision} failed: {exc}", file=sys.stderr, flush=True)
+    print(f"loaded and warmed up: {', '.join(p.name for p in engines.values())}", flush=True)
+
+    runs: dict[tuple[str, str, str], list] = {}
+    try:
+        for round_ in range(REPEAT):
+            for kind in ("b1", "b8"):
+                for key, proc in list(engines.items()):
+                    if kind not in proc.kinds:
+                        continue
+                    try:
+                        runs.setdefault((*key, kind), []).append(proc.run(kind))
+                    except RuntimeError as exc:
+                        errors[proc.name] = str(exc)
+                        proc.close()
+                        del engines[key]
+            print(f"round {round_ + 1}/{REPEAT} done", flush=True)
+    finally:
+        for proc in engines.values():
+            proc.close()
+    rows = [_row(engine, precision, kind, got) for (engine, precision, kind), got in runs.items()]
+    rows.sort(key=lambda r: (r["batch"] != 1, r["engine"] != "transformers", r["engine"]))
 
     for row in rows:
         if row["batch"] == 1:
@@ -293,27 +336,24 @@ def main(argv: list[str] | None = None) -> int:
             row["bound_tok_s"] = bound
             row["of_bound"] = row["decode_tok_s"] / bound
 
-    def rate(engine: str, precision: str, batch1: bool) -> float | None:
-        key = "decode_tok_s" if batch1 else "aggregate_tok_s"
-        for row in rows:
-            if (row["engine"], row["precision"], row["batch"] == 1) == (engine, precision, batch1):
-                return row[key]
-        return None
+    per_round: dict[str, list[float]] = {}
 
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return round(a / b, 3) if a and b else None
+    def ratio(a: tuple[str, str, str], b: tuple[str, str, str]) -> float | None:
+        """Median over rounds of (a's rate / b's rate) in the same round."""
+        if a not in runs or b not in runs:
+            return None
+        pairs = zip(runs[a], runs[b], strict=False)
+        values = [round(_rate(a[2], x) / _rate(b[2], y), 3) for x, y in pairs]
+        per_round[f"{' '.join(a)} / {' '.join(b)}"] = values  # the spread shows the noise
+        return statistics.median(values)
 
     ratios = {
-        "batch1_vs_genai_fp32": ratio(rate("ours", "fp32", True), rate("genai", "fp32", True)),
-        "batch1_vs_genai_int4": ratio(rate("ours", "int4", True), rate("genai", "int4", True)),
-        "concurrent8_vs_genai_batch8": ratio(
-            rate("ours", "fp32", False), rate("genai", "fp32", False)
-        ),
-        "concurrent8_vs_genai_batch8_int4": ratio(
-            rate("ours", "int4", False), rate("genai", "int4", False)
-        ),
+        "batch1_vs_genai_fp32": ratio(("ours", "fp32", "b1"), ("genai", "fp32", "b1")),
+        "batch1_vs_genai_int4": ratio(("ours", "int4", "b1"), ("genai", "int4", "b1")),
+        "concurrent8_vs_genai_batch8": ratio(("ours", "fp32", "b8"), ("genai", "fp32", "b8")),
+        "concurrent8_vs_genai_batch8_int4": ratio(("ours", "int4", "b8"), ("genai", "int4", "b8")),
         "genai_fp32_vs_transformers": ratio(
-            rate("genai", "fp32", True), rate("transformers", "fp32", True)
+            ("genai", "fp32", "b1"), ("transformers", "fp32", "b1")
         ),
     }
     extra = {
@@ -324,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         "memory_bandwidth_gb_s": round(bandwidth, 2),
         "weight_bytes": {p: weight_bytes(folders[p]) for p in ("fp32", "int4")},
         "loadavg_1m_at_start": round(load_at_start, 2),
+        "ratios_per_round": per_round,
         "errors": errors,
         "seconds": round(time.perf_counter() - started, 1),
     }
