@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, HttpUrl
 
-from api.schemas import RuntimeName, TaskType
+from api.schemas import RuntimeName, TaskType, WebhookPublic
 from core.rows import JOB_FIELDS, ColumnMap
 from core.settings import settings
 
@@ -50,6 +50,12 @@ class BatchCreate(BaseModel):
     stop: str | None = Field(None, min_length=1, max_length=128)
     priority: int = Field(
         settings.batch_priority, ge=0, le=9, description="Default: below interactive jobs."
+    )
+    callback_url: HttpUrl | None = Field(
+        None,
+        max_length=2048,
+        description="POSTed the batch's summary, signed, once its last job ended "
+        "(docs/webhooks.md). Must be a public address unless the server allow-lists it.",
     )
 
     def column_map(self) -> ColumnMap:
@@ -97,6 +103,9 @@ class BatchPublic(BaseModel):
     ingest_error: str | None = Field(None, description="A file-level error that ended ingest.")
     rejected_rows: list[RowProblem] = Field(
         default_factory=list, description="On creation: the first rows refused, and why."
+    )
+    webhook: WebhookPublic | None = Field(
+        None, description="Delivery of the batch's callback_url summary; null without one."
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
@@ -129,7 +129,3 @@ class JobPublic(BaseModel):
 class ErrorResponse(BaseModel):
     detail: str
     code: str
-
-
-def timestamp(value: str | None) -> datetime | None:
-    return datetime.fromtimestamp(float(value), UTC) if value else None

@@ -22,8 +22,9 @@ from core.jobs import JobStore, decode
 
 COUNTERS = ("submitted", "rejected", "running", "succeeded", "failed", "cancelled", "done")
 
-# KEYS: batch, rejects, events. ARGV: now. Ingest is over: the total is known; a batch whose
-# jobs all ended already (or that has none) finishes here, as the job scripts can't.
+# KEYS: batch, rejects, events, ended. ARGV: now, batch id. Ingest is over: the total is
+# known; a batch whose jobs all ended already (or that has none) finishes here, as the job
+# scripts can't, and is listed for its summary webhook as they would have.
 _SEAL = """
 local submitted, rejected, done, ttl =
   unpack(redis.call('HMGET', KEYS[1], 'submitted', 'rejected', 'done', 'ttl'))
@@ -33,6 +34,9 @@ if tonumber(done) == tonumber(submitted) then
   redis.call('HSET', KEYS[1], 'finished_at', ARGV[1])
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('EXPIRE', KEYS[2], ttl)
+  if redis.call('HEXISTS', KEYS[1], 'callback_url') == 1 then
+    redis.call('ZADD', KEYS[4], 'NX', ARGV[1], ARGV[2])
+  end
   redis.call('PUBLISH', KEYS[3], cjson.encode({type = 'progress', done = tonumber(done),
                                                finished = true}))
 end
@@ -87,8 +91,11 @@ class BatchStore:
 
     async def seal(self, batch_id: str) -> None:
         await self._seal(
-            keys=[keys.batch(batch_id), keys.batch_rejects(batch_id), keys.batch_events(batch_id)],
-            args=[time.time()],
+            keys=[
+                keys.batch(batch_id), keys.batch_rejects(batch_id), keys.batch_events(batch_id),
+                keys.BATCHES_ENDED,
+            ],
+            args=[time.time(), batch_id],
         )
 
     async def set(self, batch_id: str, **fields: Any) -> None:

@@ -41,7 +41,9 @@ TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED
 # own transition, so they never drift from the jobs. The batch key is derived from the job's
 # field rather than passed in, so callers need not know the batch (standalone Redis, where a
 # script may touch keys it did not declare). The batch finishes when its last job ends after
-# ingest sealed it; then its keys get the batch's TTL.
+# ingest sealed it; then its keys get the batch's TTL, and a batch with a ``callback_url`` is
+# listed for its summary webhook here, in the one step that can see it end, whichever
+# process ended its last job (a worker, or the API cancelling).
 _BATCH_MOVE = Template("""
 local function batch_move(job, from, to, now)
   local id = redis.call('HGET', job, 'batch_id')
@@ -59,12 +61,18 @@ local function batch_move(job, from, to, now)
     redis.call('HSET', batch, 'finished_at', now)
     redis.call('EXPIRE', batch, ttl)
     redis.call('EXPIRE', '$rejects' .. id, ttl)
+    if redis.call('HEXISTS', batch, 'callback_url') == 1 then
+      redis.call('ZADD', '$ended', 'NX', now, id)
+    end
     event.finished = true
   end
   redis.call('PUBLISH', '$events' .. id, cjson.encode(event))
 end
 """).substitute(
-    batch=keys.BATCH_PREFIX, events=keys.BATCH_EVENTS_PREFIX, rejects=keys.BATCH_REJECTS_PREFIX
+    batch=keys.BATCH_PREFIX,
+    events=keys.BATCH_EVENTS_PREFIX,
+    rejects=keys.BATCH_REJECTS_PREFIX,
+    ended=keys.BATCHES_ENDED,
 )
 
 # Every terminal transition also, in the same script, takes the job out of its owner's active

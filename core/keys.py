@@ -28,6 +28,10 @@ def webhook(delivery_id: str) -> str:
 WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"
 """Sorted set of pending webhook deliveries, scored by the time of their next attempt."""
 
+BATCHES_ENDED = f"{PREFIX}:webhooks:batches-ended"
+"""Sorted set of ended batches with a ``callback_url`` whose summary is not queued yet,
+scored by when a worker may take it (the end, then a claim's lease)."""
+
 
 def idempotency(owner: str, key: str) -> str:
     """Maps a client's Idempotency-Key to the job it created."""

@@ -1,8 +1,10 @@
-"""The public view of a job: the JSON ``GET /v1/jobs/{id}`` answers and webhooks carry.
+"""The public views of a job and a batch: the JSON ``GET /v1/jobs/{id}`` and
+``GET /v1/batches/{id}`` answer and webhooks carry.
 
-A pure function of the stored job hash (``core.jobs``), shared by the API and the workers,
-which never import API code. Timestamps are rendered as the API's models write them
-(ISO 8601, UTC, ``Z``), so a webhook body and a ``GET`` of the same job match.
+Pure functions of the stored hashes (``core.jobs``, ``core.batches``), shared by the API
+and the workers, which never import API code. Timestamps are rendered as the API's models
+write them (ISO 8601, UTC, ``Z``), so a webhook body and a ``GET`` of the same job (or
+batch) match.
 """
 
 from __future__ import annotations
@@ -40,11 +42,55 @@ def job_view(record: dict[str, str], base_url: str) -> dict[str, Any]:
     }
 
 
-def webhook_view(record: dict[str, str]) -> dict[str, Any] | None:
-    """Delivery state of the job's ``callback_url``; ``None`` for a job without one.
+BATCH_COUNTERS = ("submitted", "rejected", "running", "succeeded", "failed", "cancelled")
 
-    The delivery queue (``core.webhooks``) mirrors its state into the job's ``webhook``
-    field; until the job ends there is none, and the delivery reads as pending.
+
+def batch_status(record: dict[str, str]) -> str:
+    """ingesting, in_progress, cancelling, completed or cancelled."""
+    if "finished_at" in record:
+        return "cancelled" if "cancel_requested_at" in record else "completed"
+    if "cancel_requested_at" in record:
+        return "cancelling"
+    return "in_progress" if "sealed_at" in record else "ingesting"
+
+
+def batch_view(record: dict[str, str], base_url: str, now: float) -> dict[str, Any]:
+    """The batch as its owner sees it; ``now`` is when, for the throughput of a batch that
+    has not finished (a finished one's is fixed at its end)."""
+    n = {name: int(record.get(name, 0)) for name in BATCH_COUNTERS}
+    ended = n["succeeded"] + n["failed"] + n["cancelled"]
+    created = float(record["created_at"])
+    elapsed = float(record.get("finished_at") or now) - created
+    batch_url = f"{base_url}/v1/batches/{record['id']}"
+    return {
+        "id": record["id"],
+        "url": batch_url,
+        "results_url": f"{batch_url}/results",
+        "status": batch_status(record),
+        "filename": record.get("filename"),
+        "format": record["format"],
+        "counts": {
+            "total": int(record["total"]) if "total" in record else None,
+            **n,
+            "queued": n["submitted"] - n["running"] - ended,
+        },
+        "created_at": iso(record["created_at"]),
+        "ingested_at": iso(record.get("sealed_at")),
+        "finished_at": iso(record.get("finished_at")),
+        "cancel_requested_at": iso(record.get("cancel_requested_at")),
+        "jobs_per_s": round(ended / elapsed, 3) if elapsed > 0 else None,
+        "ingest_error": record.get("ingest_error"),
+        # Listed only in the answer to the upload, which has them at hand.
+        "rejected_rows": [],
+        "webhook": webhook_view(record),
+    }
+
+
+def webhook_view(record: dict[str, str]) -> dict[str, Any] | None:
+    """Delivery state of the job's (or batch's) ``callback_url``; ``None`` without one.
+
+    The delivery queue (``core.webhooks``) mirrors its state into the hash's ``webhook``
+    field; until the job (batch) ends there is none, and the delivery reads as pending.
     """
     if "callback_url" not in record:
         return None

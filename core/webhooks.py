@@ -9,8 +9,14 @@ claimed again once the lease runs out. Nothing waits in memory, so nothing is lo
 worker.
 
 Every state change is mirrored, in the same script, into the ``webhook`` field of the hash
-the delivery is about (the job's), so ``GET /v1/jobs/{id}`` shows it in the one read it
-already makes (``core.public.webhook_view``).
+the delivery is about (the job's or batch's), so ``GET /v1/jobs/{id}`` and
+``GET /v1/batches/{id}`` show it in the one read they already make
+(``core.public.webhook_view``).
+
+A batch's summary is queued once its last job ended. The scripts that end a batch (in
+``core.jobs`` and ``core.batches``) list it in ``keys.BATCHES_ENDED``; each worker's sender
+claims listed batches as it claims deliveries (``BatchSummaries``), renders the summary and
+queues it with ``deliver_batch_summary``.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import redis.asyncio as aioredis
 from core import keys
 from core.errors import CallbackRefused
 from core.jobs import TERMINAL, decode
-from core.public import job_view
+from core.public import batch_view, job_view
 from core.settings import Settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -277,15 +283,60 @@ async def deliver_batch_summary(
 ) -> bool:
     """Queue the POST of a batch's ``summary`` to its ``callback_url`` when the batch ends.
 
-    Call it once the batch's last job ended (calling again is harmless: one delivery per
-    batch). Check the URL with ``check_callback_url`` when the batch is created. The
-    delivery's state is mirrored into the batch hash's ``webhook`` field (as for jobs; render
-    it with ``core.public.webhook_view`` if the batch hash keeps ``callback_url``).
+    ``BatchSummaries.queue`` calls it once the batch's last job ended (calling again is
+    harmless: one delivery per batch). The URL was checked with ``check_callback_url`` when
+    the batch was created. The delivery's state is mirrored into the batch hash's
+    ``webhook`` field (as for jobs), which ``core.public.webhook_view`` renders.
     """
     queue = DeliveryQueue(redis, settings.result_ttl_s)
     return await queue.enqueue(
         f"batch:{batch_id}", callback_url, _json(summary), now, mirror=keys.batch(batch_id)
     )
+
+
+# KEYS: ended. ARGV: now, lease_until, limit. The listed batches that are due, each now held
+# by the caller until lease_until: one worker queues each summary, and one whose worker died
+# is claimed again once the lease runs out.
+_CLAIM_ENDED = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
+return ids
+"""
+
+
+def batch_summary(record: dict[str, str], settings: Settings, now: float) -> dict[str, Any]:
+    """What a batch's callback gets: the batch as ``GET`` shows it, less the ``webhook`` field
+    that describes this delivery."""
+    view = batch_view(record, settings.public_url or record.get("api_url", ""), now)
+    del view["webhook"]
+    return view
+
+
+class BatchSummaries:
+    """Ended batches (``keys.BATCHES_ENDED``) whose summary a worker is to queue."""
+
+    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self._claim = redis.register_script(_CLAIM_ENDED)
+
+    async def claim(self, now: float, lease_s: float, limit: int) -> list[str]:
+        """Up to ``limit`` ended batches, each now held by the caller for ``lease_s``."""
+        ids = await self._claim(keys=[keys.BATCHES_ENDED], args=[now, now + lease_s, limit])
+        return [batch_id.decode() for batch_id in ids]
+
+    async def queue(self, batch_id: str, now: float) -> bool:
+        """Queue the claimed batch's summary and unlist it; False if it was queued before
+        (a claim whose worker died after queueing) or the batch expired meanwhile."""
+        record = decode(await self.redis.hgetall(keys.batch(batch_id)))
+        queued = False
+        if "callback_url" in record and "finished_at" in record:
+            summary = batch_summary(record, self.settings, now)
+            queued = await deliver_batch_summary(
+                self.redis, batch_id, record["callback_url"], summary, self.settings, now
+            )
+        await self.redis.zrem(keys.BATCHES_ENDED, batch_id)
+        return queued
 
 
 def _json(value: dict[str, Any]) -> bytes:

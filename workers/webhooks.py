@@ -4,7 +4,8 @@ It polls the delivery queue (``core.webhooks``) for due deliveries, sends each a
 POST on its own task (at most ``REASONQ_WEBHOOK_CONCURRENCY`` at once) and records the
 outcome: delivered on a 2xx, else retried with exponential backoff until
 ``REASONQ_WEBHOOK_MAX_ATTEMPTS``. Sends are plain awaits on the shared loop (DNS in the
-loop's resolver threads), so they never hold a job slot nor stall a generation.
+loop's resolver threads), so they never hold a job slot nor stall a generation. Each poll
+first queues the summaries of batches that ended (whichever process ended them).
 """
 
 from __future__ import annotations
@@ -19,9 +20,19 @@ import redis.asyncio as aioredis
 
 from core.errors import CallbackRefused
 from core.settings import Settings
-from core.webhooks import Claim, DeliveryQueue, check_callback_url, enqueue_job, signed_headers
+from core.webhooks import (
+    BatchSummaries,
+    Claim,
+    DeliveryQueue,
+    check_callback_url,
+    enqueue_job,
+    signed_headers,
+)
 
 log = logging.getLogger("reasonq.webhooks")
+
+# Batch summaries queued per poll, so a burst of ended batches doesn't delay the sends.
+SUMMARIES_PER_POLL = 100
 
 
 class WebhookSender:
@@ -29,6 +40,7 @@ class WebhookSender:
         self.redis = redis
         self.settings = settings
         self.queue = DeliveryQueue(redis, settings.result_ttl_s)
+        self.summaries = BatchSummaries(redis, settings)
         # No redirects (a 3xx could point anywhere) and no proxies from the environment.
         self.client = httpx.AsyncClient(
             timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False
@@ -56,7 +68,9 @@ class WebhookSender:
                 log.exception("webhook sender")
 
     async def run_once(self) -> None:
-        """Claim the due deliveries this process has room for and start sending them."""
+        """Queue the summaries of ended batches, then claim the due deliveries this process
+        has room for and start sending them."""
+        await self.queue_batch_summaries()
         room = self.settings.webhook_concurrency - len(self.sending)
         if room <= 0:
             return
@@ -64,6 +78,14 @@ class WebhookSender:
             task = asyncio.create_task(self.attempt(claim))
             self.sending.add(task)
             task.add_done_callback(self.sending.discard)
+
+    async def queue_batch_summaries(self) -> None:
+        now = time.time()
+        for batch_id in await self.summaries.claim(now, self.lease_s, SUMMARIES_PER_POLL):
+            try:
+                await self.summaries.queue(batch_id, now)
+            except Exception:  # left listed: claimed again when its lease ends
+                log.exception("batch %s: summary webhook not queued", batch_id)
 
     async def attempt(self, claim: Claim) -> None:
         """Send one attempt and record how it went."""

@@ -10,16 +10,18 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.batch_results import stream_results
-from api.batch_schemas import BatchCounts, BatchCreate, BatchInvalid, BatchPublic, RowProblem
+from api.batch_schemas import BatchCreate, BatchInvalid, BatchPublic, RowProblem
 from api.batches import ColumnRows, Ingest, enqueue_rows, first_errors, text_stream
 from api.deps import BatchesDep, OwnerDep, SettingsDep
 from api.limits import RateLimit
 from api.routes.jobs import base_url
-from api.schemas import ErrorResponse, timestamp
+from api.schemas import ErrorResponse
 from api.submission import new_job_id, route
 from core.batches import BatchStore
 from core.errors import BatchNotFound
+from core.public import batch_view
 from core.rows import RowError, TableError, detect_format, read_rows
+from core.webhooks import check_callback_url
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -30,39 +32,12 @@ def problems(errors: list[RowError]) -> list[RowProblem]:
     return [RowProblem(line=e.line, index=e.index, message=e.message) for e in errors]
 
 
-def batch_status(record: dict[str, str]) -> str:
-    if "finished_at" in record:
-        return "cancelled" if "cancel_requested_at" in record else "completed"
-    if "cancel_requested_at" in record:
-        return "cancelling"
-    return "in_progress" if "sealed_at" in record else "ingesting"
-
-
 def batch_public(record: dict[str, str], url: str, ingest: Ingest | None = None) -> BatchPublic:
-    n = {name: int(record.get(name, 0)) for name in BatchCounts.model_fields if name != "total"}
-    ended = n["succeeded"] + n["failed"] + n["cancelled"]
-    created = float(record["created_at"])
-    elapsed = float(record.get("finished_at") or time.time()) - created
-    batch_url = f"{url}/v1/batches/{record['id']}"
-    return BatchPublic(
-        id=record["id"],
-        url=batch_url,
-        results_url=f"{batch_url}/results",
-        status=batch_status(record),
-        filename=record.get("filename"),
-        format=record["format"],
-        counts=BatchCounts(
-            **{**n, "queued": n["submitted"] - n["running"] - ended},
-            total=int(record["total"]) if "total" in record else None,
-        ),
-        created_at=timestamp(record["created_at"]),
-        ingested_at=timestamp(record.get("sealed_at")),
-        finished_at=timestamp(record.get("finished_at")),
-        cancel_requested_at=timestamp(record.get("cancel_requested_at")),
-        jobs_per_s=round(ended / elapsed, 3) if elapsed > 0 else None,
-        ingest_error=record.get("ingest_error"),
-        rejected_rows=problems(ingest.rejected) if ingest else [],
-    )
+    # The same view batch summary webhooks carry (core.public), so a callback and a GET agree.
+    batch = BatchPublic.model_validate(batch_view(record, url, time.time()))
+    if ingest:
+        batch.rejected_rows = problems(ingest.rejected)
+    return batch
 
 
 async def read_batch(batches: BatchStore, batch_id: str, owner: str) -> dict[str, str]:
@@ -91,9 +66,13 @@ async def create_batch(
 
     A bad row is refused with its line and reason while the others run, unless ``strict``:
     then the file is refused (422, listing the first bad lines) and nothing is enqueued.
+    With a ``callback_url``, the batch's summary is POSTed there once its last job ended.
     """
     if options.runtime:
         route(options.runtime, settings)
+    callback_url = str(options.callback_url) if options.callback_url else None
+    if callback_url:
+        await check_callback_url(callback_url, settings)
     columns = options.column_map()
     to_job = ColumnRows(columns)
     try:
@@ -113,13 +92,15 @@ async def create_batch(
         )
         return JSONResponse(invalid.model_dump(), status_code=422)
     batch_id = new_job_id()
-    await batches.create(
-        batch_id, {"owner": owner, "filename": file.filename, "format": fmt, "kind": "reasonq"}
-    )
+    url = base_url(request, settings.public_url)
+    fields = {"owner": owner, "filename": file.filename, "format": fmt, "kind": "reasonq"}
+    if callback_url:
+        # The API's URL as this client sees it: the batch links in the summary.
+        fields.update(callback_url=callback_url, api_url=url)
+    await batches.create(batch_id, fields)
     with text_stream(file.file) as text:
         _, rows = read_rows(text, fmt)
         ingest = await enqueue_rows(rows, to_job, batch_id, owner, batches, settings)
-    url = base_url(request, settings.public_url)
     return batch_public(await read_batch(batches, batch_id, owner), url, ingest)
 
 
