@@ -40,13 +40,14 @@ class OnnxRuntime:
         provider: Provider = "auto",
         intra_op_threads: int = 0,
         inter_op_threads: int = 1,
+        thread_spinning: bool = False,
         max_batch: int = 8,
         max_length: int = 4096,
         prefill_chunk: int = 512,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.provider = provider
-        self.threads = (intra_op_threads, inter_op_threads)
+        self.threads = (intra_op_threads, inter_op_threads, thread_spinning)
         self.max_batch, self.max_length, self.prefill_chunk = max_batch, max_length, prefill_chunk
         self.layout: ModelLayout | None = None
         self.tokenizer: Any = None
@@ -63,6 +64,7 @@ class OnnxRuntime:
             provider=settings.onnx_provider,
             intra_op_threads=settings.onnx_intra_op_threads,
             inter_op_threads=settings.onnx_inter_op_threads,
+            thread_spinning=settings.onnx_thread_spinning,
             max_batch=settings.onnx_max_batch,
             max_length=settings.onnx_max_length,
             prefill_chunk=settings.onnx_prefill_chunk,
