@@ -31,7 +31,7 @@ import numpy as np
 from bench.common import write_results
 
 NEW_TOKENS = 128
-REPEAT = 5
+REPEAT = 4
 STAGGER_S = 0.05
 KV_LENGTH = 512
 PROMPTS = [
