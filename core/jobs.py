@@ -86,18 +86,36 @@ local function job_end(job, status)
 end
 """
 
+# A queued job is listed in its queue's waiting set until a worker takes its message (start)
+# or it is cancelled, so a message lost on its way to a worker is noticed (workers/orphans.py).
+_WAITING = f"""
+local function waiting_add(job)
+  local id, status, queue, created =
+    unpack(redis.call('HMGET', job, 'id', 'status', 'queue', 'created_at'))
+  if id and status == 'queued' and queue then
+    redis.call('ZADD', '{keys.WAITING_PREFIX}' .. queue, created or 0, id)
+  end
+end
+local function waiting_done(job)
+  local id, queue = unpack(redis.call('HMGET', job, 'id', 'queue'))
+  if id and queue then redis.call('ZREM', '{keys.WAITING_PREFIX}' .. queue, id) end
+end
+"""
+
 # ARGV: field, value, field, value ... — fields already present are kept, so the API and a
 # fast worker can write the same job in either order.
-_CREATE = """
+_CREATE = _WAITING + """
 for i = 1, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+waiting_add(KEYS[1])
 return 1
 """
 
 # ARGV: now, run_id, max_attempts, ttl, redelivered (0/1), spec field/value pairs...
 # Returns {outcome, attempts}; outcome is 'running', 'poison', 'duplicate' (a second message
 # for a job already running, not a redelivery) or the terminal status found.
-_START = _JOB_END + _BATCH_MOVE + """
+_START = _JOB_END + _BATCH_MOVE + _WAITING + """
 for i = 6, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+waiting_done(KEYS[1])
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'queued' and status ~= 'running' then return {status, 0} end
 -- This run started already: a retry after the reply was lost (Redis restarted).
@@ -137,13 +155,14 @@ return 1
 """
 
 # ARGV: now, ttl. Returns the status after the call, or false for an unknown job.
-_CANCEL = _JOB_END + _BATCH_MOVE + """
+_CANCEL = _JOB_END + _BATCH_MOVE + _WAITING + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return false end
 if status == 'queued' then
   local err = cjson.encode({code = 'cancelled', retryable = false,
                             message = 'cancelled before it ran'})
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1], 'error', err)
+  waiting_done(KEYS[1])
   job_end(KEYS[1], 'cancelled')
   redis.call('EXPIRE', KEYS[1], ARGV[2])
   batch_move(KEYS[1], status, 'cancelled', ARGV[1])

@@ -50,6 +50,23 @@ def worker(hostname: str) -> str:
 
 WORKER_PATTERN = f"{PREFIX}:worker:*"
 
+WAITING_PREFIX = f"{PREFIX}:waiting:"
+
+
+def waiting(queue: str) -> str:
+    """Sorted set of a queue's jobs not yet taken by a worker, scored by creation time: the
+    orphan sweep (workers/orphans.py) finds jobs whose message was lost here."""
+    return f"{WAITING_PREFIX}{queue}"
+
+
+ORPHAN_SUSPECTS = f"{PREFIX}:orphans:suspects"
+"""Sorted set of queued jobs whose message was found nowhere, scored by when first seen."""
+
+
+def orphan_lock(queue: str) -> str:
+    """Held by the worker sweeping a queue for orphans, so one sweeps it at a time."""
+    return f"{PREFIX}:orphans:lock:{queue}"
+
 # kombu's Redis transport keeps each delivered-but-unacked message here, scored by
 # delivery time; workers re-score their running jobs to renew the lease.
 UNACKED_INDEX = "unacked_index"

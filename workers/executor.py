@@ -35,6 +35,7 @@ from core.settings import Settings
 from runtimes.base import Completion, GenerationRequest, Runtime
 from runtimes.registry import create_runtime
 from workers import metrics
+from workers.orphans import OrphanSweeper
 from workers.semaphore import BackendSemaphore
 from workers.webhooks import WebhookSender
 
@@ -103,6 +104,7 @@ class Executor:
         loop.create_task(self._control_loop())
         self.webhooks = WebhookSender(self.redis, self.settings)
         loop.create_task(self.webhooks.run_forever())
+        self._orphans = loop.create_task(OrphanSweeper(self.redis, self.settings).run_forever())
         ready.set()
         loop.run_forever()
 
