@@ -179,6 +179,15 @@ class Cluster:
             out.append(f"queued: {self.r.llen('gpu')} unacked: {self.r.hlen('unacked')}")
         return "\n".join(out)
 
+    def republished(self) -> set[str]:
+        """Jobs the orphan sweep published again, from the workers' logs."""
+        found = set()
+        for worker in self.workers.values():
+            for line in worker.log_path.read_text(errors="replace").splitlines():
+                if "its message was lost" in line:
+                    found.add(line.split("job ", 1)[1].split(":", 1)[0])
+        return found
+
     def orphans(self, jobs: dict[str, dict[str, str]]) -> list[str]:
         """Of these jobs, those still ``queued`` whose message is nowhere: not in a queue
         list, not delivered (kombu's ``unacked`` hash)."""
