@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
@@ -166,4 +166,4 @@ async def cancel_job(
     return job_public(record, base_url(request, settings.public_url))
 
 
-__all__ = ["router", "job_public", "read_job", "base_url"]
+__all__ = ["base_url", "job_public", "read_job", "router"]
