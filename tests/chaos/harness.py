@@ -188,16 +188,6 @@ class Cluster:
                     found.add(line.split("job ", 1)[1].split(":", 1)[0])
         return found
 
-    def orphans(self, jobs: dict[str, dict[str, str]]) -> list[str]:
-        """Of these jobs, those still ``queued`` whose message is nowhere: not in a queue
-        list, not delivered (kombu's ``unacked`` hash)."""
-        present = set()
-        for name in self.r.scan_iter(count=1000):
-            if self.r.type(name) == b"list":
-                present |= {json.loads(m)["headers"]["id"] for m in self.r.lrange(name, 0, -1)}
-        present |= {json.loads(v)[0]["headers"]["id"] for v in self.r.hvals("unacked")}
-        return [j for j, row in jobs.items() if row.get("status") == "queued" and j not in present]
-
     def logs(self) -> str:
         """Tails of every process log, for an assertion message."""
         services = [*self.workers.values(), *self.apis, self.redis]
