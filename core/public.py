@@ -48,7 +48,11 @@ BATCH_COUNTERS = ("submitted", "rejected", "running", "succeeded", "failed", "ca
 def batch_status(record: dict[str, str]) -> str:
     """ingesting, in_progress, cancelling, completed or cancelled."""
     if "finished_at" in record:
-        return "cancelled" if "cancel_requested_at" in record else "completed"
+        # A cancel that came after the last job ended changed nothing.
+        cancelled_first = float(record.get("cancel_requested_at", "inf")) <= float(
+            record["finished_at"]
+        )
+        return "cancelled" if cancelled_first else "completed"
     if "cancel_requested_at" in record:
         return "cancelling"
     return "in_progress" if "sealed_at" in record else "ingesting"

@@ -168,3 +168,13 @@ def test_unknown_batch_is_404(stack: Stack) -> None:
         assert client.get("/v1/batches/nope").json()["code"] == "batch_not_found"
         assert client.get("/v1/batches/nope/results").status_code == 404
         assert client.delete("/v1/batches/nope").status_code == 404
+
+
+def test_cancelling_a_finished_batch_changes_nothing(stack: Stack) -> None:
+    with stack.client() as client:
+        created = upload(client, "done.csv", "prompt\na\nb", runtime="vllm").json()
+        assert wait_for_batch(client, created["id"])["status"] == "completed"
+        after = client.delete(f"/v1/batches/{created['id']}").json()
+        again = client.get(f"/v1/batches/{created['id']}").json()
+    assert after["status"] == again["status"] == "completed"
+    assert again["counts"]["succeeded"] == 2 and again["counts"]["cancelled"] == 0
