@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import redis.exceptions
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -39,7 +40,12 @@ class AuthMiddleware:
             return
         key = None
         if (key_id := apikeys.key_id_of(token)) is not None:
-            record = await scope["app"].state.redis.hgetall(keys.api_key(key_id))
+            try:
+                record = await scope["app"].state.redis.hgetall(keys.api_key(key_id))
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                # Outside the app's exception handlers: answer its 503 here (api/main.py).
+                await _unavailable(send)
+                return
             key = apikeys.verify(token, {k.decode(): v.decode() for k, v in record.items()})
         if key is None:
             await _unauthorized(send, "invalid or revoked API key")
@@ -58,4 +64,18 @@ async def _unauthorized(send: Send, detail: str) -> None:
         (b"www-authenticate", b'Bearer realm="reasonq"'),
     ]
     await send({"type": "http.response.start", "status": 401, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _unavailable(send: Send) -> None:
+    body = json.dumps(
+        {"detail": "the job queue (Redis) is unavailable; retry shortly",
+         "code": "redis_unavailable"}
+    ).encode()  # fmt: skip
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", b"1"),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
     await send({"type": "http.response.body", "body": body})
