@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from core import apikeys
 from tests.chaos.harness import (
     Cluster,
     echo_answer,
@@ -148,3 +149,18 @@ def test_redis_restart_loses_no_accepted_job(cluster: Cluster) -> None:
     assert after_job["status"] == "succeeded", cluster.logs()
     assert poll_s < 10, f"the long-poll missed the job's end ({poll_s:.1f} s)"
     assert all(w.alive() for w in cluster.workers.values()), "a worker died"
+
+
+@pytest.mark.timeout(60)
+def test_redis_down_with_auth_on_answers_503(cluster: Cluster) -> None:
+    """With API keys on, the key lookup itself needs Redis: still a 503, not a 500."""
+    url = cluster.api(auth_enabled="true")
+    _, token = apikeys.create(cluster.r, "chaos")
+    cluster.redis.kill()
+    try:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            response = client.get("/v1/jobs/abc", headers={"Authorization": f"Bearer {token}"})
+    finally:
+        cluster.redis.start()
+    assert response.status_code == 503, response.text
+    assert response.json()["code"] == "redis_unavailable"
