@@ -254,6 +254,9 @@ class Executor:
                 continue
             try:
                 await self._control_once()
+            except REDIS_DOWN as exc:  # Redis restarting: one line, not a traceback per tick
+                log.warning("control loop: Redis unavailable (%s)", exc)
+                await asyncio.sleep(0.5)
             except Exception:  # Redis blips must not kill the loop
                 log.exception("control loop")
 
