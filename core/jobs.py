@@ -154,7 +154,8 @@ redis.call('PUBLISH', KEYS[2], cjson.encode({type = 'status', status = ARGV[2]})
 return 1
 """
 
-# ARGV: now, ttl. Returns the status after the call, or false for an unknown job.
+# ARGV: now, ttl, control channel. Returns the status after the call, or false for an
+# unknown job. A running job is flagged, and its worker nudged on the control channel.
 _CANCEL = _JOB_END + _BATCH_MOVE + _WAITING + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return false end
@@ -169,7 +170,10 @@ if status == 'queued' then
   redis.call('PUBLISH', KEYS[2], cjson.encode({type = 'status', status = 'cancelled'}))
   return 'cancelled'
 end
-if status == 'running' then redis.call('HSET', KEYS[1], 'cancel_requested', '1') end
+if status == 'running' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', '1')
+  redis.call('PUBLISH', ARGV[3], cjson.encode({cancel = redis.call('HGET', KEYS[1], 'id')}))
+end
 return status
 """
 
@@ -234,7 +238,7 @@ class JobStore:
     async def cancel(self, job_id: str) -> str | None:
         status = await self._cancel(
             keys=[keys.job(job_id), keys.job_events(job_id)],
-            args=[time.time(), self.result_ttl_s],
+            args=[time.time(), self.result_ttl_s, keys.CONTROL],
         )
         return _str(status) if status else None
 
@@ -244,7 +248,7 @@ class JobStore:
             for job_id in job_ids:
                 await self._cancel(
                     keys=[keys.job(job_id), keys.job_events(job_id)],
-                    args=[time.time(), self.result_ttl_s],
+                    args=[time.time(), self.result_ttl_s, keys.CONTROL],
                     client=pipe,
                 )
             await pipe.execute()

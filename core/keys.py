@@ -15,6 +15,11 @@ def job_events(job_id: str) -> str:
     return f"{PREFIX}:events:{job_id}"
 
 
+CONTROL = f"{PREFIX}:control"
+"""Pub/sub channel nudging workers at once: ``{"cancel": id}`` or ``{"watch": id}``. The
+durable flags (``cancel_requested``, ``job_watchers``) stay the truth; workers also poll them."""
+
+
 def job_watchers(job_id: str) -> str:
     """Set of a job's event-stream connections; workers publish tokens only while it exists."""
     return f"{PREFIX}:watch:{job_id}"

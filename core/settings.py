@@ -76,8 +76,12 @@ class Settings(BaseSettings):
     )
     control_interval_s: float = Field(
         0.05,
-        description="How often a worker checks its running jobs for cancel requests and "
-        "event watchers (one Redis round trip for all of them).",
+        description="How often a worker publishes the new tokens of jobs someone watches.",
+    )
+    control_poll_s: float = Field(
+        1.0,
+        description="How often a worker polls its running jobs' cancel flags and watchers (one "
+        "Redis round trip for all). A safety net: the API also nudges workers over pub/sub.",
     )
     retry_max_attempts: int = Field(
         6, description="Tries of one backend call (connection error, timeout, 429, 5xx)."

@@ -50,6 +50,9 @@ CANCEL_GRACE_S = 1.0
 # Redis unreachable (restarting): a job's start and end are retried this long, then the
 # delivery is handed back to the broker (workers.tasks).
 REDIS_OUTAGE_S = 60.0
+# A watch nudge for a job not (yet) running here is remembered this long.
+WATCH_HINT_S = 10.0
+
 REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
@@ -77,6 +80,7 @@ class Executor:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = threading.Lock()
         self._last_lease_renewal = 0.0
+        self._watch_hints: dict[str, float] = {}  # job id -> when a watcher announced itself
 
     # --- the loop thread ------------------------------------------------------------
     def start(self) -> asyncio.AbstractEventLoop:
@@ -102,6 +106,7 @@ class Executor:
         self.semaphore = BackendSemaphore(self.redis, self.settings.backend_max_inflight)
         self._loop = loop
         loop.create_task(self._control_loop())
+        loop.create_task(self._control_listener())
         self.webhooks = WebhookSender(self.redis, self.settings)
         loop.create_task(self.webhooks.run_forever())
         self._orphans = loop.create_task(OrphanSweeper(self.redis, self.settings).run_forever())
@@ -123,6 +128,7 @@ class Executor:
         # Listed from delivery to recorded end, so the control loop renews the delivery's
         # lease even while a step waits out a Redis outage: no other worker is handed it.
         job = RunningJob(job_id, delivery_tag)
+        job.watched = self._watch_hints.pop(job_id, None) is not None
         self.running[job_id] = job
         try:
             return await self._run_listed(job, spec, redelivered)
@@ -248,17 +254,46 @@ class Executor:
 
     # --- control loop ---------------------------------------------------------------
     async def _control_loop(self) -> None:
+        last_poll = 0.0
         while True:
             await asyncio.sleep(self.settings.control_interval_s)
             if not self.running:
                 continue
             try:
-                await self._control_once()
+                if time.monotonic() - last_poll >= self.settings.control_poll_s:
+                    last_poll = time.monotonic()
+                    await self._control_once()
+                else:
+                    await self._flush_watched()
             except REDIS_DOWN as exc:  # Redis restarting: one line, not a traceback per tick
                 log.warning("control loop: Redis unavailable (%s)", exc)
                 await asyncio.sleep(0.5)
             except Exception:  # Redis blips must not kill the loop
                 log.exception("control loop")
+
+    async def _control_listener(self) -> None:
+        """Cancel and watch nudges from the API, so neither waits for the next poll."""
+        while True:
+            try:
+                async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(keys.CONTROL)
+                    async for message in pubsub.listen():
+                        self._nudge(json.loads(message["data"]))
+            except REDIS_DOWN:
+                await asyncio.sleep(0.5)  # resubscribes once Redis is back
+            except Exception:
+                log.exception("control listener")
+                await asyncio.sleep(0.5)
+
+    def _nudge(self, message: dict[str, str]) -> None:
+        if job_id := message.get("cancel"):
+            if job := self.running.get(job_id):
+                job.cancel_requested.set()
+        elif job_id := message.get("watch"):
+            if job := self.running.get(job_id):
+                job.watched = True
+            else:  # the job may start here in a moment
+                self._watch_hints[job_id] = time.monotonic()
 
     async def _control_once(self) -> None:
         jobs = list(self.running.values())
@@ -280,7 +315,13 @@ class Executor:
             if replies[2 * i] is not None:
                 job.cancel_requested.set()
             job.watched = bool(replies[2 * i + 1])
-        await asyncio.gather(*(self._flush_tokens(job) for job in jobs if job.watched))
+        stale = time.monotonic() - WATCH_HINT_S
+        self._watch_hints = {j: t for j, t in self._watch_hints.items() if t > stale}
+        await self._flush_watched()
+
+    async def _flush_watched(self) -> None:
+        jobs = [job for job in self.running.values() if job.watched]
+        await asyncio.gather(*(self._flush_tokens(job) for job in jobs))
 
     async def _flush_tokens(self, job: RunningJob) -> None:
         end = len(job.tokens)

@@ -110,7 +110,8 @@ class Watch:
     """
 
     def __init__(self, redis: aioredis.Redis, job_id: str, refresh_s: float) -> None:
-        self.redis, self.key, self.member = redis, keys.job_watchers(job_id), uuid.uuid4().hex
+        self.redis, self.job_id = redis, job_id
+        self.key, self.member = keys.job_watchers(job_id), uuid.uuid4().hex
         self.refresh_s = refresh_s
         self.ttl_s = max(1, round(4 * refresh_s))
         self._refreshed = 0.0
@@ -120,6 +121,8 @@ class Watch:
             return
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.sadd(self.key, self.member).expire(self.key, self.ttl_s)
+            if force:  # joining: tell the worker now, not at its next poll
+                pipe.publish(keys.CONTROL, json.dumps({"watch": self.job_id}))
             await pipe.execute()
         self._refreshed = time.monotonic()
 
