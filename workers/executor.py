@@ -5,9 +5,11 @@ coroutine of the shared loop. Every generation of the process shares that loop, 
 client per runtime and one Redis connection pool, so a process keeps
 ``REASONQ_WORKER_CONCURRENCY`` generations in flight for the CPU cost of a single thread.
 
-A control loop does, in one Redis round trip for all running jobs: pick up cancel
-requests, notice event-stream watchers (tokens are published only while someone
-watches), publish buffered tokens, renew the jobs' broker leases and semaphore slots.
+Cancel requests and new event-stream watchers arrive at once over pub/sub
+(``keys.CONTROL``). A control loop publishes the buffered tokens of watched jobs (tokens
+are published only while someone watches) and, every ``REASONQ_CONTROL_POLL_S``, polls the
+durable cancel and watcher flags of all running jobs in one Redis round trip (the safety
+net for a lost nudge) and renews their broker leases and semaphore slots.
 """
 
 from __future__ import annotations
