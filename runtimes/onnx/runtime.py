@@ -40,7 +40,7 @@ class OnnxRuntime:
         provider: Provider = "auto",
         intra_op_threads: int = 0,
         inter_op_threads: int = 1,
-        thread_spinning: bool = False,
+        thread_spinning: bool = True,
         max_batch: int = 8,
         max_length: int = 4096,
         prefill_chunk: int = 512,
