@@ -60,6 +60,10 @@ class Runtime(Protocol):
         """
         ...
 
+    async def warm_up(self) -> None:
+        """Load what the first generation would otherwise wait for (in-process models)."""
+        ...
+
     async def aclose(self) -> None:
         """Release clients, sessions and threads."""
         ...

@@ -310,6 +310,9 @@ class HTTPRuntime:
             self._client_loop = loop
         return self._client
 
+    async def warm_up(self) -> None:
+        """Nothing to load: the client connects on the first request."""
+
     async def aclose(self) -> None:
         client, self._client = self._client, None
         if client is not None and self._client_loop is asyncio.get_running_loop():

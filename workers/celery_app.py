@@ -28,8 +28,9 @@ def _on_ready(sender, **_: object) -> None:
     hostname = sender.hostname
     queues = sorted(sender.app.amqp.queues.consume_from)
     metrics.serve(settings.worker_metrics_port)
-    # The loop also sends pending webhooks: start it now, not at the first job.
-    executor.start()
+    # The loop also sends pending webhooks: start it now, not at the first job; and load
+    # the in-process model meanwhile.
+    executor.warm_up(queues)
     client = redis.Redis.from_url(settings.redis_url)
     beat = json.dumps({"hostname": hostname, "queues": queues})
 

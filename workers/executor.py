@@ -115,6 +115,19 @@ class Executor:
         ready.set()
         loop.run_forever()
 
+    def warm_up(self, queues: list[str]) -> None:
+        """Load, in the background, the runtimes this worker's queues serve, so its first
+        job doesn't pay for loading a model; start-up itself stays fast."""
+        names = [name for name, queue in self.settings.runtime_queues.items() if queue in queues]
+        asyncio.run_coroutine_threadsafe(self._warm_up(names), self.start())
+
+    async def _warm_up(self, names: list[str]) -> None:
+        for name in names:
+            try:
+                await (await self._runtime(name)).warm_up()
+            except Exception:  # e.g. no model yet: its jobs will fail with the reason
+                log.exception("warming up runtime %s failed", name)
+
     def run(
         self, job_id: str, spec: dict[str, Any], delivery_tag: str | None, redelivered: bool
     ) -> dict[str, Any]:

@@ -172,6 +172,10 @@ class OnnxRuntime:
         """Blocking ``generate`` for scripts and benchmarks."""
         return self._completion(self.submit(request, on_token, is_cancelled).future.result())
 
+    async def warm_up(self) -> None:
+        """Load the model off the event loop (seconds), so the first job doesn't wait."""
+        await asyncio.get_running_loop().run_in_executor(None, self.load)
+
     async def generate(
         self,
         request: GenerationRequest,
