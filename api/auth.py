@@ -9,12 +9,11 @@ The key is looked up on every request, so a revoked key is refused at once.
 
 from __future__ import annotations
 
-import json
-
 import redis.exceptions
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.asgi import send_error
 from core import apikeys, keys
 
 # Probes, scrapes and the API's own description stay open.
@@ -57,25 +56,11 @@ class AuthMiddleware:
 
 
 async def _unauthorized(send: Send, detail: str) -> None:
-    body = json.dumps({"detail": detail, "code": "unauthorized"}).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"www-authenticate", b'Bearer realm="reasonq"'),
-    ]
-    await send({"type": "http.response.start", "status": 401, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send_error(
+        send, 401, "unauthorized", detail, {"www-authenticate": 'Bearer realm="reasonq"'}
+    )
 
 
 async def _unavailable(send: Send) -> None:
-    body = json.dumps(
-        {"detail": "the job queue (Redis) is unavailable; retry shortly",
-         "code": "redis_unavailable"}
-    ).encode()  # fmt: skip
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"retry-after", b"1"),
-    ]
-    await send({"type": "http.response.start", "status": 503, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    detail = "the job queue (Redis) is unavailable; retry shortly"
+    await send_error(send, 503, "redis_unavailable", detail, {"retry-after": "1"})

@@ -9,10 +9,10 @@ whatever answer the app then starts is replaced by the 413. multipart/form-data 
 
 from __future__ import annotations
 
-import json
-
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.asgi import send_error
 
 
 class _BodyTooLarge(Exception):
@@ -77,11 +77,4 @@ class BodyLimitMiddleware:
 
 
 async def _too_large(send: Send, reason: str) -> None:
-    body = json.dumps({"detail": reason, "code": "body_too_large"}).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close"),
-    ]
-    await send({"type": "http.response.start", "status": 413, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send_error(send, 413, "body_too_large", reason, {"connection": "close"})
