@@ -31,8 +31,8 @@ from runtimes.onnx.layout import ModelLayout
 Handle = Hashable
 
 
-class GenaiDecoder:
-    """Continuous-batching decoder for genai-layout (GQA, shared buffer) models."""
+class _BatchDecoder:
+    """What both layouts share: the session, the batch's rows and their cache lengths."""
 
     def __init__(
         self,
@@ -45,10 +45,22 @@ class GenaiDecoder:
         self.session, self.layout = session, layout
         self.max_batch, self.max_length = max_batch, max_length
         self.chunk = prefill_chunk
-        shape = (max_batch, layout.kv_heads, max_length, layout.head_dim)
-        self.buffers = [np.zeros(shape, layout.kv_dtype) for _ in layout.past_names]
         self.rows: list[Handle] = []
         self.lens: list[int] = []  # tokens in each row's cache
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_batch - len(self.rows)
+
+
+class GenaiDecoder(_BatchDecoder):
+    """Continuous-batching decoder for genai-layout (GQA, shared buffer) models."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        layout, max_batch, max_length = self.layout, self.max_batch, self.max_length
+        shape = (max_batch, layout.kv_heads, max_length, layout.head_dim)
+        self.buffers = [np.zeros(shape, layout.kv_dtype) for _ in layout.past_names]
         self.history: list[list[int]] = []  # only kept for LongRoPE re-prefill
         self.n_short = 0  # LongRoPE: rows[:n_short] use short factors, the rest long
         self.threshold = layout.longrope_threshold
@@ -58,10 +70,6 @@ class GenaiDecoder:
         # decode steps write their ids into, and read their logits from, buffers bound once
         self._ids = np.zeros((max_batch, 1), np.int64)
         self._logits = np.zeros((max_batch, 1, layout.vocab_size), layout.logits_dtype)
-
-    @property
-    def free_slots(self) -> int:
-        return self.max_batch - len(self.rows)
 
     def admit(self, items: list[tuple[Handle, list[int]]]) -> dict[Handle, np.ndarray]:
         """Prefill new sequences; right-padded together when short, else one by one."""
@@ -235,27 +243,12 @@ class GenaiDecoder:
         return io
 
 
-class OptimumDecoder:
+class OptimumDecoder(_BatchDecoder):
     """Continuous-batching decoder for decoder-with-past models with a growing past."""
 
-    def __init__(
-        self,
-        session: ort.InferenceSession,
-        layout: ModelLayout,
-        max_batch: int,
-        max_length: int,
-        prefill_chunk: int = 512,
-    ) -> None:
-        self.session, self.layout = session, layout
-        self.max_batch, self.max_length = max_batch, max_length
-        self.chunk = prefill_chunk
-        self.rows: list[Handle] = []
-        self.lens: list[int] = []
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.past: list[Any] = []  # OrtValues [n, kv_heads, width, head_dim], left-padded
-
-    @property
-    def free_slots(self) -> int:
-        return self.max_batch - len(self.rows)
 
     def admit(self, items: list[tuple[Handle, list[int]]]) -> dict[Handle, np.ndarray]:
         """Prefill new sequences (left-padded together when short), then merge their KV."""
