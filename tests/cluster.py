@@ -20,13 +20,8 @@ from pathlib import Path
 import httpx
 import redis
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.standins.server_thread import REPO_ROOT as ROOT
+from tests.standins.server_thread import free_port
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str, interval=0.05) -> None:
