@@ -76,11 +76,12 @@ class OllamaRuntime(HTTPRuntime):
             body["keep_alive"] = self.keep_alive
         return body
 
-    def parse_line(self, line: str, state: StreamState) -> None:
+    def parse_line(self, line: bytes, state: StreamState) -> None:
         try:
             obj = json.loads(line)
         except ValueError:
-            raise BackendUnavailable(f"{self.name} sent a malformed line: {line[:200]}") from None
+            shown = line[:200].decode("utf-8", "replace")
+            raise BackendUnavailable(f"{self.name} sent a malformed line: {shown}") from None
         if "error" in obj:
             raise error_in_stream(self.name, str(obj["error"]))
         content = (obj.get("message") or {}).get("content")

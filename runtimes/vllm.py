@@ -78,17 +78,18 @@ class VLLMRuntime(HTTPRuntime):
             body["stop"] = list(request.stop)
         return body
 
-    def parse_line(self, line: str, state: StreamState) -> None:
-        if not line.startswith("data:"):
+    def parse_line(self, line: bytes, state: StreamState) -> None:
+        if not line.startswith(b"data:"):
             return  # SSE comments, event names, keep-alive pings
         data = line[5:].strip()
-        if data == "[DONE]":
+        if data == b"[DONE]":
             state.done = True
             return
         try:
             chunk = json.loads(data)
         except ValueError:
-            raise BackendUnavailable(f"{self.name} sent a malformed chunk: {data[:200]}") from None
+            shown = data[:200].decode("utf-8", "replace")
+            raise BackendUnavailable(f"{self.name} sent a malformed chunk: {shown}") from None
         error = chunk.get("error") if "error" in chunk else None
         if error is not None or chunk.get("object") == "error":
             info = error if isinstance(error, dict) else chunk

@@ -6,6 +6,7 @@ them. Nothing here fakes Redis or Celery.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -27,11 +28,9 @@ from tests.standins.server_thread import free_port
 def wait_until(check: Callable[[], bool], timeout: float, what: str, interval=0.05) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
+        with contextlib.suppress(Exception):  # e.g. refused until the service listens
             if check():
                 return
-        except Exception:
-            pass
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
 

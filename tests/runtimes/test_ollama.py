@@ -204,7 +204,9 @@ async def test_keepalive_connection_closed_by_server_between_requests() -> None:
 def test_error_line_inside_the_stream_is_mapped() -> None:
     runtime = OllamaRuntime("http://unused")
     state = StreamState(model="phi4-mini", on_token=None)
-    runtime.parse_line('{"message": {"role": "assistant", "content": " hi"}, "done": false}', state)
+    runtime.parse_line(
+        b'{"message": {"role": "assistant", "content": " hi"}, "done": false}', state
+    )
     with pytest.raises(BackendUnavailable, match="out of memory"):
-        runtime.parse_line('{"error": "out of memory"}', state)
+        runtime.parse_line(b'{"error": "out of memory"}', state)
     assert state.parts == [" hi"]

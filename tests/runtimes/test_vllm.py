@@ -299,10 +299,10 @@ def test_error_inside_the_stream_is_mapped() -> None:
     runtime = VLLMRuntime("http://unused")
     state = StreamState(model=MODEL, on_token=None)
     with pytest.raises(BackendUnavailable, match="engine died"):
-        runtime.parse_line('data: {"error": {"message": "engine died", "code": 500}}', state)
+        runtime.parse_line(b'data: {"error": {"message": "engine died", "code": 500}}', state)
     with pytest.raises(ContextTooLong):
         runtime.parse_line(
-            'data: {"object": "error", "message": "maximum context length is 10", "code": 400}',
+            b'data: {"object": "error", "message": "maximum context length is 10", "code": 400}',
             state,
         )
 
