@@ -1,4 +1,8 @@
-"""Dependencies injected into routes."""
+"""Dependencies injected into routes.
+
+All ``async def``, though none awaits: FastAPI runs a plain ``def`` dependency in its
+threadpool, a thread hop per dependency per request.
+"""
 
 from __future__ import annotations
 
@@ -13,27 +17,27 @@ from core.jobs import JobStore
 from core.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_redis(request: Request) -> aioredis.Redis:
+async def get_redis(request: Request) -> aioredis.Redis:
     return request.app.state.redis
 
 
-def get_store(request: Request) -> JobStore:
+async def get_store(request: Request) -> JobStore:
     return request.app.state.store
 
 
-def get_batches(request: Request) -> BatchStore:
+async def get_batches(request: Request) -> BatchStore:
     return BatchStore(request.app.state.redis, request.app.state.store)
 
 
-def get_hub(request: Request) -> EventHub:
+async def get_hub(request: Request) -> EventHub:
     return request.app.state.hub
 
 
-def get_owner(request: Request) -> str:
+async def get_owner(request: Request) -> str:
     """The caller's identity; every job and batch belongs to one."""
     return getattr(request.state, "owner", "anonymous")
 

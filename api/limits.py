@@ -56,7 +56,7 @@ return 1
 """
 
 
-def get_api_key(request: Request) -> ApiKey | None:
+async def get_api_key(request: Request) -> ApiKey | None:
     """The caller's key (set by ``api.auth``); None when auth is off."""
     return getattr(request.state, "api_key", None)
 
@@ -103,7 +103,7 @@ class Quota:
             raise
 
 
-def get_quota(redis: RedisDep, owner: OwnerDep, key: ApiKeyDep) -> Quota:
+async def get_quota(redis: RedisDep, owner: OwnerDep, key: ApiKeyDep) -> Quota:
     return Quota(redis, owner, key)
 
 
