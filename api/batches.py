@@ -1,10 +1,10 @@
 """Batch ingest: every row of an uploaded CSV or JSONL file becomes an ordinary job.
 
 The upload is read as a stream (Starlette spools it to disk), ``CHUNK_ROWS`` rows at a
-time: a worker thread parses and validates a chunk, builds its job records and publishes
-them through one kombu ``producer.batch()`` (a Redis pipeline per chunk); then one more
-pipeline stores the job hashes, the refused rows and the counters. Memory stays flat
-whatever the file's length, and Redis sees two round trips per chunk, not two per row.
+time: a worker thread parses and validates a chunk and builds its job records and their
+messages; then one pipeline stores the jobs with their messages, the refused rows and the
+counters. Memory stays flat whatever the file's length, and Redis sees one round trip per
+chunk, not one per row.
 
 Lenient mode keeps a bad row as ``rejected`` (with its line and reason) and goes on;
 strict mode reads the whole file first and refuses it, enqueuing nothing, if any row is
@@ -23,10 +23,11 @@ from typing import IO, Any, Protocol, TextIO
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from api.metrics import JOBS_SUBMITTED
 from api.schemas import JobCreate
-from api.submission import build_record, publish, route
+from api.submission import build_record, route
 from core.batches import BatchStore, batch_job_id
-from core.broker import app
+from core.broker import TaskMessage, task_message
 from core.errors import RoutingError
 from core.rows import ColumnMap, Row, RowError, TableError
 from core.settings import Settings
@@ -34,7 +35,7 @@ from core.settings import Settings
 log = logging.getLogger("reasonq.api")
 
 CHUNK_ROWS = 500
-"""Rows parsed, published and stored per round trip."""
+"""Rows parsed and enqueued per round trip."""
 
 MAX_REPORTED_ERRORS = 20
 """Row errors a strict refusal lists (the first ones, by line)."""
@@ -80,10 +81,11 @@ class Ingest:
 
 @dataclass
 class Chunk:
-    """Rows taken in one go: job records (published) and refusals by row index; ``ended``
-    at the end of the file, ``error`` when a file-level problem ended it early."""
+    """Rows taken in one go: job records and their messages, and refusals by row index;
+    ``ended`` at the end of the file, ``error`` when a file-level problem ended it early."""
 
     records: list[dict[str, Any]] = field(default_factory=list)
+    messages: list[TaskMessage] = field(default_factory=list)
     rejects: dict[int, dict[str, Any]] = field(default_factory=dict)
     ended: bool = True
     error: str | None = None
@@ -146,16 +148,13 @@ def _prepare_chunk(
     owner: str,
     settings: Settings,
 ) -> Chunk:
-    """Up to ``CHUNK_ROWS`` rows, their jobs published (blocking: runs in a thread)."""
+    """Up to ``CHUNK_ROWS`` rows and their jobs' messages (CPU-bound: runs in a thread)."""
     chunk = Chunk()
     try:
         _take_rows(rows, to_job, batch_id, owner, settings, chunk)
     except TableError as exc:
         chunk.error = str(exc)
-    if chunk.records:
-        with app.producer_or_acquire() as producer, producer.batch(max_size=4 * CHUNK_ROWS):
-            for record in chunk.records:
-                publish(record, settings.flower_show_content, producer=producer)
+    chunk.messages = [task_message(r, settings.flower_show_content) for r in chunk.records]
     return chunk
 
 
@@ -202,10 +201,12 @@ async def enqueue_rows(
             chunk = await run_in_threadpool(
                 _prepare_chunk, rows, to_job, batch_id, owner, settings
             )
-            if not await batches.add_rows(batch_id, chunk.records, chunk.rejects):
+            if not await batches.add_rows(batch_id, chunk.records, chunk.messages, chunk.rejects):
                 # Cancelled meanwhile: the canceller may have counted jobs before these.
                 await batches.jobs.cancel_many([r["id"] for r in chunk.records])
                 return ingest
+            for record in chunk.records:
+                JOBS_SUBMITTED.labels(record["runtime"]).inc()
             room = MAX_REPORTED_ERRORS - len(ingest.rejected)
             ingest.rejected += [
                 RowError(i, r["line"], r["message"], r["row_id"])

@@ -1,10 +1,8 @@
-"""Turning an accepted request into a queued job: profile merge, routing, publish.
+"""Turning an accepted request into a job record: profile merge and routing.
 
-Publish first, then write the job hash: the message carries the job's full record, so a
-job is never left ``queued`` in Redis without a message that will run it, and a worker
-that is faster than the API writes the hash itself (``core.jobs`` keeps whichever came
-first). A crash between the two leaves a job that runs but whose 202 was never sent; a
-retry with the same Idempotency-Key then finds it.
+The record is stored and its message pushed in one script (``JobStore.create`` with
+``core.broker.task_message``), so a job is never left ``queued`` without a message that
+will run it. The message carries the full record, so a worker never depends on the hash.
 """
 
 from __future__ import annotations
@@ -13,9 +11,7 @@ import time
 import uuid
 from typing import Any
 
-from api.metrics import JOBS_SUBMITTED
 from api.schemas import JobCreate
-from core.broker import RUN_JOB, app
 from core.errors import RoutingError
 from core.profiles import load_profiles
 from core.settings import Settings
@@ -72,25 +68,3 @@ def build_record(
         "prompt_chars": sum(len(m["content"]) for m in messages),
         **{k: v for k, v in extra.items() if v is not None},
     }
-
-
-def publish(record: dict[str, Any], show_content: bool, producer: Any = None) -> None:
-    """Send the job to its queue (blocking; call from a thread). Flower sees only sizes."""
-    summary = {
-        "runtime": record["runtime"],
-        "task_type": record["task_type"],
-        "prompt_chars": record["prompt_chars"],
-    }
-    app.send_task(
-        RUN_JOB,
-        args=[record["id"], record],
-        task_id=record["id"],
-        queue=record["queue"],
-        # kombu's Redis transport serves priority list 0 first; ours is 9 = most urgent.
-        priority=9 - record["priority"],
-        argsrepr=None if show_content else repr((record["id"],)),
-        kwargsrepr=None if show_content else repr(summary),
-        producer=producer,
-    )
-    JOBS_SUBMITTED.labels(record["runtime"]).inc()
-

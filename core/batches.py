@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 
 from core import keys
 from core.jobs import JobStore, decode
+
+if TYPE_CHECKING:
+    from core.broker import TaskMessage
 
 COUNTERS = ("submitted", "rejected", "running", "succeeded", "failed", "cancelled", "done")
 
@@ -71,13 +74,15 @@ class BatchStore:
         self,
         batch_id: str,
         records: list[dict[str, Any]],
+        messages: list[TaskMessage],
         rejects: dict[int, dict[str, Any]],
     ) -> bool:
-        """Store the jobs of already published ``records`` and the ``rejects`` (by row index)
-        in one round trip; False when the batch was cancelled meanwhile (stop ingesting)."""
+        """Store the jobs of ``records`` with their ``messages`` and the ``rejects`` (by row
+        index) in one round trip; False when the batch was cancelled meanwhile (stop
+        ingesting)."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            for record in records:
-                await self.jobs.create(record["id"], record, pipe=pipe)
+            for record, message in zip(records, messages, strict=True):
+                await self.jobs.create(record, message, pipe=pipe)
             if rejects:
                 pipe.hset(
                     keys.batch_rejects(batch_id),

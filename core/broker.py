@@ -1,7 +1,7 @@
 """The Celery application: broker, durability and pool settings, in one place.
 
-The API imports it only to publish by task name (``RUN_JOB``); workers import
-``workers.celery_app``, which adds the worker-side hooks.
+The API imports it only to build job messages (``task_message``), which ``core.jobs``
+pushes; workers import ``workers.celery_app``, which adds the worker-side hooks.
 
 Durability: jobs are acknowledged only after they finish (``acks_late``), so a worker that
 dies mid-job leaves its message unacknowledged and the broker hands it to another worker
@@ -12,9 +12,16 @@ long job is never redelivered while it still runs.
 
 from __future__ import annotations
 
+import base64
+import json
+import uuid
+from typing import Any, NamedTuple
+
 from celery import Celery
 from kombu import Queue
+from kombu.serialization import dumps
 
+from core import keys
 from core.settings import settings
 
 RUN_JOB = "reasonq.run_job"
@@ -36,7 +43,6 @@ app.conf.update(
     worker_pool="threads",
     worker_concurrency=settings.worker_concurrency,
     worker_send_task_events=True,
-    task_send_sent_event=True,
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
     broker_pool_limit=settings.worker_concurrency + 10,
@@ -52,3 +58,54 @@ app.conf.update(
         "health_check_interval": 10,
     },
 )
+
+
+class TaskMessage(NamedTuple):
+    """A job's message as kombu's Redis transport keeps it: an entry of a Redis list."""
+
+    queue_list: str
+    entry: str
+
+
+def task_message(record: dict[str, Any], show_content: bool) -> TaskMessage:
+    """The ``run_job(id, record)`` message for a new job, for ``core.jobs`` to push in the
+    same script that stores the job: accepting a job is then one Redis round trip, with no
+    window between the two, and kombu's blocking client stays off the API's event loop.
+
+    The message itself is Celery's (protocol 2, ``create_task_message``); only kombu's
+    envelope is written here, as ``kombu.transport.redis.Channel._put`` writes it
+    (``tests/test_broker.py`` compares the two). Flower sees argument sizes, not prompts,
+    unless ``show_content``.
+    """
+    job_id = record["id"]
+    summary = {
+        "runtime": record["runtime"],
+        "task_type": record["task_type"],
+        "prompt_chars": record["prompt_chars"],
+    }
+    message = app.amqp.create_task_message(
+        job_id,
+        RUN_JOB,
+        [job_id, record],
+        argsrepr=None if show_content else repr((job_id,)),
+        kwargsrepr=None if show_content else repr(summary),
+        ignore_result=None,  # as send_task leaves it: the app's setting decides
+    )
+    content_type, content_encoding, body = dumps(message.body, serializer="json")
+    # kombu's Redis transport serves priority list 0 first; ours is 9 = most urgent.
+    priority = 9 - record["priority"]
+    envelope = {
+        "body": base64.b64encode(body.encode()).decode(),
+        "content-encoding": content_encoding,
+        "content-type": content_type,
+        "headers": message.headers,
+        "properties": {
+            **message.properties,
+            "delivery_mode": 2,  # persistent
+            "delivery_info": {"exchange": "", "routing_key": record["queue"]},
+            "priority": priority,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+    return TaskMessage(keys.queue_lists(record["queue"])[priority], json.dumps(envelope))

@@ -20,11 +20,14 @@ import json
 import time
 from enum import StrEnum
 from string import Template
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 
 from core import keys
+
+if TYPE_CHECKING:
+    from core.broker import TaskMessage
 
 
 class JobStatus(StrEnum):
@@ -102,10 +105,12 @@ local function waiting_done(job)
 end
 """
 
-# ARGV: field, value, field, value ... — fields already present are kept, so the API and a
-# fast worker can write the same job in either order.
+# KEYS: job hash, its queue's list. ARGV: message, field, value, field, value ...
+# The job and its message are stored together or not at all. Fields already present are
+# kept: a worker that re-creates a job's hash from its message (start) never overwrites.
 _CREATE = _WAITING + """
-for i = 1, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('LPUSH', KEYS[2], ARGV[1])
+for i = 2, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
 waiting_add(KEYS[1])
 return 1
 """
@@ -200,8 +205,13 @@ class JobStore:
         self._finish = redis.register_script(_FINISH)
         self._cancel = redis.register_script(_CANCEL)
 
-    async def create(self, job_id: str, record: dict[str, Any], pipe: Any = None) -> None:
-        await self._create(keys=[keys.job(job_id)], args=_pairs(record), client=pipe)
+    async def create(self, record: dict[str, Any], message: TaskMessage, pipe: Any = None) -> None:
+        """Store a new job and push its message (``core.broker.task_message``), atomically."""
+        await self._create(
+            keys=[keys.job(record["id"]), message.queue_list],
+            args=[message.entry, *_pairs(record)],
+            client=pipe,
+        )
 
     async def get(self, job_id: str) -> dict[str, str] | None:
         record = await self.redis.hgetall(keys.job(job_id))
@@ -252,6 +262,12 @@ class JobStore:
                     client=pipe,
                 )
             await pipe.execute()
+
+
+def stored(record: dict[str, Any]) -> dict[str, str]:
+    """``record`` as its hash holds it (what ``get`` returns)."""
+    pairs = _pairs(record)
+    return dict(zip(pairs[::2], pairs[1::2], strict=True))
 
 
 def _str(value: bytes | str) -> str:

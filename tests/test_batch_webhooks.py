@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from core import keys
 from core.batches import BatchStore, batch_job_id
+from core.broker import TaskMessage
 from core.jobs import JobStore
 from core.settings import Settings
 from core.webhooks import BatchSummaries
@@ -164,7 +165,8 @@ def test_batch_is_listed_once_whichever_ends_it_last(private_redis: str) -> None
                  "batch_id": batch_id}
                 for job_id in ids
             ]
-            assert await batches.add_rows(batch_id, records, {})
+            messages = [TaskMessage("unconsumed", "{}")] * rows  # no worker on this Redis
+            assert await batches.add_rows(batch_id, records, messages, {})
             return ids
 
         async def listed() -> list[bytes]:

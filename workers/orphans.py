@@ -30,7 +30,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from core import keys
-from core.broker import RUN_JOB, app
+from core.broker import task_message
 from core.jobs import decode
 from core.settings import Settings
 
@@ -114,7 +114,7 @@ class OrphanSweeper:
             if row.get("status") == "queued":
                 log.warning("job %s: its message was lost (worker died taking it); "
                             "publishing it again", job_id)  # fmt: skip
-                await asyncio.to_thread(publish, record_of(row))
+                await self.redis.lpush(*task_message(record_of(row), show_content=False))
             await self.redis.zrem(keys.ORPHAN_SUSPECTS, job_id)
         return orphans
 
@@ -154,16 +154,3 @@ def record_of(row: dict[str, str]) -> dict[str, Any]:
         else:
             record[field] = value
     return record
-
-
-def publish(record: dict[str, Any]) -> None:
-    """As ``api.submission.publish`` does (workers do not import the API)."""
-    app.send_task(
-        RUN_JOB,
-        args=[record["id"], record],
-        task_id=record["id"],
-        queue=record["queue"],
-        priority=9 - record["priority"],
-        argsrepr=repr((record["id"],)),
-        kwargsrepr=repr({"republished": "orphan"}),
-    )

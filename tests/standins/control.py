@@ -199,7 +199,7 @@ class TokenStream(Response):
             watcher.cancel()
         if self.on_close is not None:
             self.on_close()
-        self.rec.ended_at = time.time()
+        self.rec.ended_at = self.rec.ended_at or time.time()
         if sender in done:
             sender.result()
 
@@ -215,6 +215,9 @@ class TokenStream(Response):
                     return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 sent += 1
+        # Ended before the last byte goes out: a client may see the end (and send its next
+        # request) before this coroutine runs again.
+        self.rec.ended_at = time.time()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
