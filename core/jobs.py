@@ -9,7 +9,8 @@ Life of a job::
        \\--cancel--> cancelled            (a running job is cancelled cooperatively)
 
 Every transition publishes a status event on ``keys.job_events(id)`` in the same script,
-so a subscriber never misses the change it is waiting for. ``run_id`` fences each
+so a subscriber never misses the change it is waiting for; a worker's final one carries the
+whole hash (``record``), so a waiting client is answered without reading it back. ``run_id`` fences each
 delivery: a late writer from a superseded run (its worker was presumed dead) can't
 overwrite the state of the run that replaced it.
 """
@@ -155,7 +156,9 @@ job_end(KEYS[1], ARGV[2])
 for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 batch_move(KEYS[1], 'running', ARGV[2], ARGV[3])
-redis.call('PUBLISH', KEYS[2], cjson.encode({type = 'status', status = ARGV[2]}))
+local fields, record = redis.call('HGETALL', KEYS[1]), {}
+for i = 1, #fields, 2 do record[fields[i]] = fields[i + 1] end
+redis.call('PUBLISH', KEYS[2], cjson.encode({type = 'status', status = ARGV[2], record = record}))
 return 1
 """
 

@@ -37,6 +37,7 @@ class BackendSemaphore:
         self.lease_s = lease_s
         self.held: dict[str, str] = {}  # token -> key, renewed by the worker's control loop
         self._acquire = redis.register_script(_ACQUIRE)
+        self._releasing: set[asyncio.Task[None]] = set()
 
     @asynccontextmanager
     async def slot(self, backend: str) -> AsyncIterator[None]:
@@ -57,9 +58,16 @@ class BackendSemaphore:
             yield
         finally:
             del self.held[token]
-            # Redis unreachable: the slot's lease runs out instead; the job's result matters.
-            with contextlib.suppress(redis.exceptions.RedisError):
-                await self.redis.zrem(key, token)
+            # In the background: the job's end (its result, the client waiting for it) goes
+            # out meanwhile instead of one round trip later.
+            release = asyncio.ensure_future(self._release(key, token))
+            self._releasing.add(release)
+            release.add_done_callback(self._releasing.discard)
+
+    async def _release(self, key: str, token: str) -> None:
+        # Redis unreachable: the slot's lease runs out instead.
+        with contextlib.suppress(redis.exceptions.RedisError):
+            await self.redis.zrem(key, token)
 
     def renew(self, pipe: aioredis.client.Pipeline, now: float) -> None:
         """Queue lease renewals for every held slot on ``pipe``."""

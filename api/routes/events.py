@@ -207,7 +207,7 @@ async def job_stream(
                 yield sse("token", {"text": event["text"]})
             elif event.get("type") == "status" and event["status"] in TERMINAL:
                 # Tokens are published before the final status, so none is left behind.
-                record = await read_job(store, job_id, owner)
+                record = event.get("record") or await read_job(store, job_id, owner)
             elif event.get("type") == "status":
                 record = {**record, "status": event["status"]}
 

@@ -139,7 +139,7 @@ async def wait_for_end(
                 while record["status"] not in TERMINAL:
                     event = await events.get()
                     if event.get("type") == "status" and event["status"] in TERMINAL:
-                        record = await read_job(store, job_id, owner)
+                        record = event.get("record") or await read_job(store, job_id, owner)
         return record
 
 
