@@ -155,24 +155,33 @@ class Executor:
         self, job: RunningJob, spec: dict[str, Any], redelivered: bool
     ) -> dict[str, Any]:
         job_id, run_id = job.job_id, uuid.uuid4().hex
-        outcome, attempts = await _until_redis_answers(
-            lambda: self.store.start(job_id, run_id, self.settings.max_attempts, spec, redelivered),
-            f"job {job_id}: start",
-        )
+        runtime_name = spec["runtime"]
+        request = GenerationRequest(**spec["request"])
+        # Ask for a backend slot while the start is recorded: the two round trips overlap.
+        slot = asyncio.ensure_future(self.semaphore.acquire(runtime_name))
+        try:
+            outcome, attempts = await _until_redis_answers(
+                lambda: self.store.start(
+                    job_id, run_id, self.settings.max_attempts, spec, redelivered
+                ),
+                f"job {job_id}: start",
+            )
+        except BaseException:
+            self.semaphore.forgo(slot)
+            raise
         if outcome != JobStatus.RUNNING:
+            self.semaphore.forgo(slot)
             log.info("job %s not run: %s", job_id, outcome)
             # Already ended (poison, cancelled while queued, or a redelivery after a crash
             # right after finishing): make sure its webhook was queued.
             await self.webhooks.job_ended(job_id, spec)
             return {"job_id": job_id, "status": outcome}
-        runtime_name = spec["runtime"]
-        request = GenerationRequest(**spec["request"])
         started = time.time()
         metrics.QUEUE_WAIT.labels(runtime_name).observe(max(0.0, started - spec["created_at"]))
         status, fields = JobStatus.FAILED, {}
         try:
             completion, backend_s = await asyncio.wait_for(
-                self._generate(runtime_name, request, job), self.settings.job_deadline_s
+                self._generate(runtime_name, request, job, slot), self.settings.job_deadline_s
             )
             status = (
                 JobStatus.CANCELLED
@@ -207,35 +216,46 @@ class Executor:
         return {"job_id": job_id, "status": status.value, "attempts": attempts}
 
     async def _generate(
-        self, runtime_name: str, request: GenerationRequest, job: RunningJob
+        self,
+        runtime_name: str,
+        request: GenerationRequest,
+        job: RunningJob,
+        first_slot: asyncio.Future[str],
     ) -> tuple[Completion, float]:
-        """One generation, retried with exponential backoff and jitter on backend outages.
+        """One generation, retried with exponential backoff and jitter on backend outages;
+        ``first_slot``: the first attempt's backend slot, already being acquired.
 
         The semaphore slot is released while waiting, so a down backend holds no capacity.
         """
-        runtime = await self._runtime(runtime_name)
-        s = self.settings
-        for attempt in range(1, s.retry_max_attempts + 1):
-            try:
-                async with self.semaphore.slot(runtime_name):
-                    began = time.perf_counter()
-                    completion = await self._cancellable(runtime, request, job)
-                    return completion, time.perf_counter() - began
-            except BackendUnavailable as exc:
-                metrics.BACKEND_ERRORS.labels(runtime=runtime_name, code=exc.code).inc()
-                if attempt == s.retry_max_attempts:
-                    raise
-                delay = min(s.retry_backoff_max_s, s.retry_backoff_s * 2 ** (attempt - 1))
-                delay *= random.uniform(0.5, 1.0)
-                delay = max(delay, exc.retry_after or 0.0)
-                log.warning("job %s: %s; retry %d in %.2f s", job.job_id, exc, attempt, delay)
-                metrics.RETRIES.labels(runtime=runtime_name).inc()
-                deadline = time.monotonic() + delay
-                while time.monotonic() < deadline and not job.cancelled:
-                    await asyncio.sleep(min(0.05, delay))
-                if job.cancelled:
-                    return Completion("", "cancelled", 0, 0, request.model or ""), 0.0
-        raise AssertionError("unreachable")
+        acquiring: asyncio.Future[str] | None = first_slot
+        try:
+            runtime = await self._runtime(runtime_name)
+            s = self.settings
+            for attempt in range(1, s.retry_max_attempts + 1):
+                try:
+                    async with self.semaphore.slot(runtime_name, acquiring):
+                        acquiring = None
+                        began = time.perf_counter()
+                        completion = await self._cancellable(runtime, request, job)
+                        return completion, time.perf_counter() - began
+                except BackendUnavailable as exc:
+                    metrics.BACKEND_ERRORS.labels(runtime=runtime_name, code=exc.code).inc()
+                    if attempt == s.retry_max_attempts:
+                        raise
+                    delay = min(s.retry_backoff_max_s, s.retry_backoff_s * 2 ** (attempt - 1))
+                    delay *= random.uniform(0.5, 1.0)
+                    delay = max(delay, exc.retry_after or 0.0)
+                    log.warning("job %s: %s; retry %d in %.2f s", job.job_id, exc, attempt, delay)
+                    metrics.RETRIES.labels(runtime=runtime_name).inc()
+                    deadline = time.monotonic() + delay
+                    while time.monotonic() < deadline and not job.cancelled:
+                        await asyncio.sleep(min(0.05, delay))
+                    if job.cancelled:
+                        return Completion("", "cancelled", 0, 0, request.model or ""), 0.0
+            raise AssertionError("unreachable")
+        finally:
+            if acquiring is not None:  # failed before its first attempt took the slot
+                self.semaphore.forgo(acquiring)
 
     async def _cancellable(
         self, runtime: Runtime, request: GenerationRequest, job: RunningJob

@@ -40,7 +40,26 @@ class BackendSemaphore:
         self._releasing: set[asyncio.Task[None]] = set()
 
     @asynccontextmanager
-    async def slot(self, backend: str) -> AsyncIterator[None]:
+    async def slot(
+        self, backend: str, acquiring: asyncio.Future[str] | None = None
+    ) -> AsyncIterator[None]:
+        """Hold a slot of ``backend`` for the block; ``acquiring``: an ``acquire`` started
+        ahead, to use instead of a new one."""
+        token = await (acquiring if acquiring is not None else self.acquire(backend))
+        try:
+            yield
+        finally:
+            self.release(token)
+
+    def forgo(self, acquiring: asyncio.Future[str]) -> None:
+        """An ``acquire`` started ahead that no ``slot`` will use: its slot, once it has
+        one, is given back."""
+        acquiring.add_done_callback(
+            lambda done: done.cancelled() or done.exception() or self.release(done.result())
+        )
+
+    async def acquire(self, backend: str) -> str:
+        """Wait for a slot of ``backend``; returns its token, for ``release``."""
         key, token = keys.inflight(backend), uuid.uuid4().hex
         delay = 0.005
         while True:
@@ -54,15 +73,14 @@ class BackendSemaphore:
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, 0.25)
         self.held[token] = key
-        try:
-            yield
-        finally:
-            del self.held[token]
-            # In the background: the job's end (its result, the client waiting for it) goes
-            # out meanwhile instead of one round trip later.
-            release = asyncio.ensure_future(self._release(key, token))
-            self._releasing.add(release)
-            release.add_done_callback(self._releasing.discard)
+        return token
+
+    def release(self, token: str) -> None:
+        """Give a held slot back, in the background: the job's end (its result, the client
+        waiting for it) goes out meanwhile instead of one round trip later."""
+        release = asyncio.ensure_future(self._release(self.held.pop(token), token))
+        self._releasing.add(release)
+        release.add_done_callback(self._releasing.discard)
 
     async def _release(self, key: str, token: str) -> None:
         # Redis unreachable: the slot's lease runs out instead.
