@@ -180,9 +180,9 @@ class Executor:
         metrics.QUEUE_WAIT.labels(runtime_name).observe(max(0.0, started - spec["created_at"]))
         status, fields = JobStatus.FAILED, {}
         try:
-            completion, backend_s = await asyncio.wait_for(
-                self._generate(runtime_name, request, job, slot), self.settings.job_deadline_s
-            )
+            # In this task (not wait_for's): no extra hop between the end and finish.
+            async with asyncio.timeout(self.settings.job_deadline_s):
+                completion, backend_s = await self._generate(runtime_name, request, job, slot)
             status = (
                 JobStatus.CANCELLED
                 if completion.finish_reason == "cancelled"
@@ -260,26 +260,30 @@ class Executor:
     async def _cancellable(
         self, runtime: Runtime, request: GenerationRequest, job: RunningJob
     ) -> Completion:
-        generation = asyncio.ensure_future(
-            runtime.generate(request, job.tokens.append, lambda: job.cancelled)
-        )
-        cancel = asyncio.ensure_future(job.cancel_requested.wait())
+        """The generation, run in this task (no hop between its end and the job's). Once
+        cancelled, a runtime stops at its next token; one stuck waiting on its backend is
+        cut off ``CANCEL_GRACE_S`` later, as ``asyncio.timeout`` would."""
+        task = asyncio.current_task()
+        assert task is not None
+        cut_off = False
+
+        async def watch() -> None:
+            nonlocal cut_off
+            await job.cancel_requested.wait()
+            await asyncio.sleep(CANCEL_GRACE_S)
+            cut_off = True
+            task.cancel()  # closes the backend stream, so it stops generating
+
+        watcher = asyncio.ensure_future(watch())
         try:
-            await asyncio.wait({generation, cancel}, return_when=asyncio.FIRST_COMPLETED)
-            if not generation.done():
-                await asyncio.wait({generation}, timeout=CANCEL_GRACE_S)
-            if not generation.done():
-                generation.cancel()  # closes the backend stream, so it stops generating
-                with contextlib.suppress(asyncio.CancelledError):
-                    await generation
+            return await runtime.generate(request, job.tokens.append, lambda: job.cancelled)
+        except asyncio.CancelledError:
+            if cut_off and task.uncancel() == 0:
                 text = "".join(job.tokens)
                 return Completion(text, "cancelled", 0, len(job.tokens), request.model or "")
-            return generation.result()
+            raise  # the job's deadline, or the worker stopping
         finally:
-            cancel.cancel()
-            # Cancelled from outside (the job's deadline): stop the generation too, which
-            # closes its backend request instead of leaving it running without a slot.
-            generation.cancel()
+            watcher.cancel()
 
     async def _runtime(self, name: str) -> Runtime:
         if name not in self._runtimes:
