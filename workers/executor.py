@@ -100,7 +100,7 @@ class Executor:
         return self._loop
 
     def _serve(self, ready: threading.Event) -> None:
-        loop = uvloop.new_event_loop()  # about a quarter less loop CPU per job than asyncio's
+        loop = uvloop.new_event_loop()  # a little less CPU per job (docs/performance.md)
         asyncio.set_event_loop(loop)
         self.redis = aioredis.from_url(
             self.settings.redis_url, max_connections=self.settings.worker_concurrency + 16
