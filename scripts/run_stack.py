@@ -22,6 +22,9 @@ import redis
 from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+# Idle connections outlive clients' own keep-alive expiry (httpx: 5 s, uvicorn's default
+# too), so a client never sends a request on a connection the server is just closing.
+API_KEEP_ALIVE = ["--timeout-keep-alive", "65"]
 BIN = Path(sys.executable).parent
 
 
@@ -109,7 +112,8 @@ def main() -> int:
             Supervised(
                 "api",
                 [python, "-m", "uvicorn", "api.main:create_app", "--factory",
-                 "--host", settings.api_host, "--port", str(settings.api_port)],
+                 "--host", settings.api_host, "--port", str(settings.api_port),
+                 *API_KEEP_ALIVE],
             ),
             Supervised(
                 "worker-cpu",

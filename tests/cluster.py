@@ -154,6 +154,7 @@ def start_api(env: dict[str, str], log_dir: Path, port: int | None = None) -> tu
     argv = [
         sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory",
         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+        "--timeout-keep-alive", "65",  # as scripts/run_stack.py
     ]
     api = Service(f"api-{port}", argv, env, log_dir).start()
     url = f"http://127.0.0.1:{port}"
