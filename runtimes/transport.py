@@ -52,6 +52,8 @@ def _mapped(
         yield
     except TimeoutError as exc:  # before OSError: TimeoutError is one
         raise timeout(str(exc) or "timed out") from exc
+    except ssl.SSLError as exc:  # before ValueError: a failed certificate check is both
+        raise failure(str(exc)) from exc
     except asyncio.IncompleteReadError as exc:
         raise httpx.RemoteProtocolError(
             "peer closed connection without sending complete message"
