@@ -1,6 +1,6 @@
 """The API application: ``uvicorn api.main:create_app --factory``.
 
-A thin front: it validates, routes and enqueues by task name; it never imports a runtime.
+A thin front: it validates, routes and enqueues Celery messages; it never imports a runtime.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from kombu.exceptions import OperationalError
 
 from api.auth import AuthMiddleware
 from api.body_limit import BodyLimitMiddleware
@@ -78,10 +77,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(redis.exceptions.ConnectionError)
     @app.exception_handler(redis.exceptions.TimeoutError)
-    @app.exception_handler(OperationalError)
     async def redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
-        # Redis down or restarting (kombu wraps the publish's error): the client may retry
-        # the same request, with its Idempotency-Key, once Redis is back.
+        # Redis down or restarting: the client may retry the same request, with its
+        # Idempotency-Key, once Redis is back.
         log.warning("%s %s: Redis unavailable: %s", request.method, request.url.path, exc)
         return JSONResponse(
             {"detail": "the job queue (Redis) is unavailable; retry shortly",
