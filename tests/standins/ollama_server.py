@@ -13,7 +13,6 @@ a test: ``ServerThread(OllamaStandIn(OllamaConfig(...)).app)``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import time
@@ -298,12 +297,9 @@ def _ndjson(obj: dict[str, Any]) -> bytes:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m tests.standins.ollama_server --port N [options]``."""
-    from tests.standins.server_thread import add_config_flags, config_from_args, serve
+    from tests.standins.server_thread import run_stand_in
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_flags(parser, OllamaConfig)
-    args = parser.parse_args(argv)
-    serve(OllamaStandIn(config_from_args(args, OllamaConfig)).app, args)
+    run_stand_in(lambda config: OllamaStandIn(config).app, OllamaConfig, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

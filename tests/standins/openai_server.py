@@ -13,7 +13,6 @@ test: ``ServerThread(OpenAIStandIn(OpenAIConfig(...)).app)``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import time
@@ -317,12 +316,9 @@ def _sse(obj: dict[str, Any]) -> bytes:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m tests.standins.openai_server --port N [options]``."""
-    from tests.standins.server_thread import add_config_flags, config_from_args, serve
+    from tests.standins.server_thread import run_stand_in
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_flags(parser, OpenAIConfig)
-    args = parser.parse_args(argv)
-    serve(OpenAIStandIn(config_from_args(args, OpenAIConfig)).app, args)
+    run_stand_in(lambda config: OpenAIStandIn(config).app, OpenAIConfig, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
@@ -128,14 +129,20 @@ class StandInProcess:
 
 
 # --- command line shared by both stand-ins -----------------------------------------------
-def add_config_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    """``--host``/``--port``/``--timeout-keep-alive`` plus one flag per config field."""
+def run_stand_in(
+    make_app: Callable[[C], Any], config_cls: type[C], description: str, argv: list[str] | None
+) -> None:
+    """A stand-in's ``main``: ``--host``/``--port``/``--timeout-keep-alive`` plus one flag
+    per ``config_cls`` field, then serve ``make_app(config)`` in the foreground, as
+    ``vllm serve`` / ``ollama serve`` do (uvloop, httptools)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument(
         "--timeout-keep-alive", type=float, default=5, help="uvicorn idle timeout (s)"
     )
-    for f in dataclasses.fields(config_cls):
+    fields = dataclasses.fields(config_cls)  # type: ignore[arg-type]
+    for f in fields:
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
             parser.add_argument(flag, action="store_true", default=f.default)
@@ -144,17 +151,10 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
         else:
             kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
             parser.add_argument(flag, type=kind, default=f.default, help=f"default {f.default}")
-
-
-def config_from_args(args: argparse.Namespace, config_cls: type[C]) -> C:
-    names = {f.name for f in dataclasses.fields(config_cls)}  # type: ignore[arg-type]
-    return config_cls(**{k: v for k, v in vars(args).items() if k in names})
-
-
-def serve(app: Any, args: argparse.Namespace) -> None:
-    """Serve in the foreground, as ``vllm serve`` / ``ollama serve`` do (uvloop, httptools)."""
+    args = parser.parse_args(argv)
+    config = config_cls(**{f.name: getattr(args, f.name) for f in fields})
     uvicorn.run(
-        app,
+        make_app(config),
         host=args.host,
         port=args.port,
         log_level="warning",
