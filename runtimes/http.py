@@ -159,6 +159,20 @@ def error_for_transport(backend: str, exc: httpx.HTTPError) -> BackendError:
     return _tagged(BackendError(text), None)
 
 
+# --- request bodies ----------------------------------------------------------------------
+def optional_sampling(request: GenerationRequest) -> dict[str, Any]:
+    """``top_k``, ``seed`` and ``stop``, only those set: vLLM and Ollama name them alike
+    (vLLM at the top level of its body, Ollama in ``options``)."""
+    fields: dict[str, Any] = {}
+    if request.top_k > 0:
+        fields["top_k"] = request.top_k
+    if request.seed is not None:
+        fields["seed"] = request.seed
+    if request.stop:
+        fields["stop"] = list(request.stop)
+    return fields
+
+
 # --- streaming ---------------------------------------------------------------------------
 _STALE = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 """What sending on a keep-alive connection the server has just closed raises."""

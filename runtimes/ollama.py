@@ -14,7 +14,7 @@ from core.errors import BackendUnavailable
 from core.settings import Settings
 from core.settings import settings as default_settings
 from runtimes.base import GenerationRequest
-from runtimes.http import HTTPOptions, HTTPRuntime, StreamState, error_in_stream
+from runtimes.http import HTTPOptions, HTTPRuntime, StreamState, error_in_stream, optional_sampling
 
 
 class OllamaRuntime(HTTPRuntime):
@@ -57,13 +57,8 @@ class OllamaRuntime(HTTPRuntime):
             "num_predict": request.max_tokens,
             "temperature": request.temperature,
             "top_p": request.top_p,
+            **optional_sampling(request),
         }
-        if request.top_k > 0:
-            options["top_k"] = request.top_k
-        if request.seed is not None:
-            options["seed"] = request.seed
-        if request.stop:
-            options["stop"] = list(request.stop)
         if self.num_ctx:
             options["num_ctx"] = self.num_ctx
         body: dict[str, Any] = {

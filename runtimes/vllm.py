@@ -15,7 +15,14 @@ from core.errors import BackendRejected, BackendUnavailable
 from core.settings import Settings
 from core.settings import settings as default_settings
 from runtimes.base import FinishReason, GenerationRequest
-from runtimes.http import HTTPOptions, HTTPRuntime, StreamState, error_in_stream, get_json
+from runtimes.http import (
+    HTTPOptions,
+    HTTPRuntime,
+    StreamState,
+    error_in_stream,
+    get_json,
+    optional_sampling,
+)
 
 
 class VLLMRuntime(HTTPRuntime):
@@ -61,7 +68,7 @@ class VLLMRuntime(HTTPRuntime):
         return self._served_model
 
     def payload(self, request: GenerationRequest, model: str) -> dict[str, Any]:
-        body: dict[str, Any] = {
+        return {
             "model": model,
             "messages": request.messages,
             "stream": True,
@@ -69,14 +76,8 @@ class VLLMRuntime(HTTPRuntime):
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
             "top_p": request.top_p,
+            **optional_sampling(request),
         }
-        if request.top_k > 0:
-            body["top_k"] = request.top_k
-        if request.seed is not None:
-            body["seed"] = request.seed
-        if request.stop:
-            body["stop"] = list(request.stop)
-        return body
 
     def parse_line(self, line: bytes, state: StreamState) -> None:
         if not line.startswith(b"data:"):
