@@ -9,34 +9,20 @@ from collections.abc import Iterator
 import pytest
 
 from core.errors import BackendBusy, BackendRejected, BackendUnavailable
-from runtimes.base import GenerationRequest
 from runtimes.http import HTTPOptions, StreamState
 from runtimes.ollama import OllamaRuntime
+from tests.runtimes.common import FAST, ask
 from tests.standins.engine import count_prompt_tokens, plan_reply
 from tests.standins.ollama_server import BUSY, OllamaConfig, OllamaStandIn
 from tests.standins.server_thread import ServerThread, StandInControl, free_port
 
 pytestmark = pytest.mark.anyio
 
-FAST = HTTPOptions(read_timeout_s=5, cancel_poll_s=0.02)
-
-
-def ask(text: str, **kwargs: object) -> GenerationRequest:
-    return GenerationRequest(messages=[{"role": "user", "content": text}], **kwargs)  # type: ignore[arg-type]
-
-
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerThread]:
     config = OllamaConfig(step_base_s=0.001, step_per_seq_s=0, output_len="12")
     with ServerThread(OllamaStandIn(config).app) as srv:
         yield srv
-
-
-@pytest.fixture
-def ctl(server: ServerThread) -> StandInControl:
-    control = StandInControl(server.url)
-    control.reset()
-    return control
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ from core.errors import (
     BackendUnavailable,
     ContextTooLong,
 )
-from runtimes.base import GenerationRequest
 from runtimes.http import HTTPOptions, StreamState, backend_message, retry_after_s
 from runtimes.vllm import VLLMRuntime
+from tests.runtimes.common import FAST, ask
 from tests.standins.engine import count_prompt_tokens, plan_reply
 from tests.standins.openai_server import OpenAIConfig, OpenAIStandIn
 from tests.standins.server_thread import ServerThread, StandInControl, free_port
@@ -24,25 +24,11 @@ from tests.standins.server_thread import ServerThread, StandInControl, free_port
 pytestmark = pytest.mark.anyio
 
 MODEL = "microsoft/Phi-4-mini-instruct"
-FAST = HTTPOptions(read_timeout_s=5, cancel_poll_s=0.02)
-
-
-def ask(text: str, **kwargs: object) -> GenerationRequest:
-    return GenerationRequest(messages=[{"role": "user", "content": text}], **kwargs)  # type: ignore[arg-type]
-
-
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerThread]:
     config = OpenAIConfig(step_base_s=0.001, step_per_seq_s=0, output_len="12")
     with ServerThread(OpenAIStandIn(config).app) as srv:
         yield srv
-
-
-@pytest.fixture
-def ctl(server: ServerThread) -> StandInControl:
-    control = StandInControl(server.url)
-    control.reset()
-    return control
 
 
 @pytest.fixture
