@@ -16,8 +16,6 @@ from pathlib import Path
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from starlette.applications import Starlette
-from starlette.routing import Route
 
 from core import keys
 from core.batches import BatchStore, batch_job_id
@@ -27,17 +25,13 @@ from core.settings import Settings
 from core.webhooks import BatchSummaries
 from tests.cluster import RedisServer
 from tests.conftest import WEBHOOK_SECRET, Stack
-from tests.standins.server_thread import ServerThread
 from tests.test_batches_api import upload, wait_for_batch
-from tests.test_webhooks import Call, Receiver, documented_verify
+from tests.test_webhooks import Call, Receiver, documented_verify, receiving
 
 
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[Receiver]:
-    rec = Receiver()
-    app = Starlette(routes=[Route("/hook/{name}", rec.hook, methods=["POST"])])
-    with ServerThread(app) as server:
-        rec.url = server.url
+    with receiving() as rec:
         yield rec
 
 

@@ -14,6 +14,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,12 +86,19 @@ class Receiver:
         return calls
 
 
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
+@contextmanager
+def receiving() -> Iterator[Receiver]:
+    """A ``Receiver`` served on a free port (``POST /hook/{name}``)."""
     rec = Receiver()
     app = Starlette(routes=[Route("/hook/{name}", rec.hook, methods=["POST"])])
     with ServerThread(app) as server:
         rec.url = server.url
+        yield rec
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    with receiving() as rec:
         yield rec
 
 
