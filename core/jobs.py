@@ -208,13 +208,18 @@ class JobStore:
         self._finish = redis.register_script(_FINISH)
         self._cancel = redis.register_script(_CANCEL)
 
-    async def create(self, record: dict[str, Any], message: TaskMessage, pipe: Any = None) -> None:
-        """Store a new job and push its message (``core.broker.task_message``), atomically."""
+    async def create(
+        self, record: dict[str, Any], message: TaskMessage, pipe: Any = None
+    ) -> dict[str, str]:
+        """Store a new job and push its message (``core.broker.task_message``), atomically.
+        Returns the job as its hash holds it (what ``get`` returns)."""
+        pairs = _pairs(record)
         await self._create(
             keys=[keys.job(record["id"]), message.queue_list],
-            args=[message.entry, *_pairs(record)],
+            args=[message.entry, *pairs],
             client=pipe,
         )
+        return dict(zip(pairs[::2], pairs[1::2], strict=True))
 
     async def get(self, job_id: str) -> dict[str, str] | None:
         record = await self.redis.hgetall(keys.job(job_id))
@@ -265,12 +270,6 @@ class JobStore:
                     client=pipe,
                 )
             await pipe.execute()
-
-
-def stored(record: dict[str, Any]) -> dict[str, str]:
-    """``record`` as its hash holds it (what ``get`` returns)."""
-    pairs = _pairs(record)
-    return dict(zip(pairs[::2], pairs[1::2], strict=True))
 
 
 def _str(value: bytes | str) -> str:

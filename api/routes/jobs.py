@@ -18,7 +18,7 @@ from api.submission import build_record, new_job_id
 from core import keys
 from core.broker import task_message
 from core.errors import IdempotencyConflict, JobNotFound
-from core.jobs import TERMINAL, JobStatus, JobStore, stored
+from core.jobs import TERMINAL, JobStatus, JobStore
 from core.public import job_view
 from core.webhooks import check_callback_url, enqueue_job
 
@@ -87,11 +87,11 @@ async def create_job(
             # The first attempt died before storing its job: finish its work under its id.
             record["id"] = job_id = existing
     async with quota.admit([job_id]):
-        await store.create(record, task_message(record, settings.flower_show_content))
+        created = await store.create(record, task_message(record, settings.flower_show_content))
     JOBS_SUBMITTED.labels(record["runtime"]).inc()
     url = base_url(request, settings.public_url)
     response.headers["Location"] = f"{url}/v1/jobs/{job_id}"
-    return job_public(stored(record), url)  # as accepted; a worker may have started it since
+    return job_public(created, url)  # as accepted; a worker may have started it since
 
 
 async def claim_idempotency_key(
