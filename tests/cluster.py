@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import redis
 
+from scripts.run_stack import API_KEEP_ALIVE
 from tests.standins.server_thread import REPO_ROOT as ROOT
 from tests.standins.server_thread import free_port
 
@@ -154,7 +155,7 @@ def start_api(env: dict[str, str], log_dir: Path, port: int | None = None) -> tu
     argv = [
         sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory",
         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-        "--timeout-keep-alive", "65",  # as scripts/run_stack.py
+        *API_KEEP_ALIVE,
     ]
     api = Service(f"api-{port}", argv, env, log_dir).start()
     url = f"http://127.0.0.1:{port}"
