@@ -7,6 +7,9 @@ Runs, each against the same backend (by default a stand-in vLLM started here, mo
 continuous batching: ``--max-num-seqs`` running sequences, each engine step
 ``step_base + step_per_seq * running`` seconds, one token per sequence per step):
 
+The client (direct or through reasonq) is httpx on ``runtimes.transport.StreamTransport``
+and a uvloop loop, so that its own cost stays out of the figures.
+
 - ``direct``: one asyncio httpx client keeping S requests in flight, as
   ``vllm bench serve`` does: request/s, output tokens/s, TTFT and TPOT p50/p99.
 - ``reasonq``: the same N requests posted to the API (uvicorn subprocess, own
@@ -42,17 +45,21 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
+import uvloop
 
 from bench.common import write_results
+from runtimes.transport import StreamTransport
 from tests.cluster import RedisServer, Service, service_env, start_api, wait_until
 from tests.standins.server_thread import StandInProcess
 
 SYSTEM_PROMPT = "You are a helpful assistant."  # what the "chat" profile adds, sent direct too
 TEMPERATURE, TOP_P = 0.7, 0.9  # the "chat" profile's sampling, sent direct too
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -126,13 +133,22 @@ async def closed_loop(
     return samples, time.perf_counter() - began
 
 
-def _limits(concurrency: int) -> httpx.Limits:
-    return httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+def _client(base_url: str, timeout: float, concurrency: int) -> httpx.AsyncClient:
+    """The harness's client, the same for every run: httpx on the workers' own transport
+    (``runtimes.transport``), run on uvloop (``_run``). On httpx's default transport the
+    client spent 3.7 ms CPU per job, which showed up as 2 ms of reasonq's added latency
+    (docs/performance.md)."""
+    transport = StreamTransport(max_keepalive_connections=concurrency)
+    return httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport)
+
+
+def _run(coroutine: Awaitable[T]) -> T:
+    return uvloop.run(coroutine)
 
 
 async def run_direct(url: str, model: str, jobs: list[dict], concurrency: int):
     """Stream chat completions straight from the backend."""
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=_limits(concurrency)) as c:
+    async with _client(url, 600, concurrency) as c:
 
         async def one(job: dict) -> Sample:
             body = {
@@ -171,9 +187,7 @@ async def run_direct(url: str, model: str, jobs: list[dict], concurrency: int):
 
 async def run_reasonq(api_url: str, model: str | None, jobs: list[dict], concurrency: int):
     """Post each job, then long-poll it to its end (``?wait=``)."""
-    async with httpx.AsyncClient(
-        base_url=api_url, timeout=120, limits=_limits(concurrency)
-    ) as c:
+    async with _client(api_url, 120, concurrency) as c:
 
         async def one(job: dict) -> Sample:
             body = {"runtime": "vllm", "task_type": "chat", **job}
@@ -366,7 +380,7 @@ def measured(
     name: str, run: Awaitable, concurrency: int, pids: dict[str, list[int]]
 ) -> dict[str, Any]:
     before = {**cpu_seconds(pids), "client": time.process_time()}
-    samples, wall = asyncio.run(run)
+    samples, wall = _run(run)
     after = {**cpu_seconds(pids), "client": time.process_time()}
     row = summarise(name, samples, wall, concurrency, {k: after[k] - before[k] for k in after})
     print(json.dumps(row), flush=True)
@@ -405,11 +419,11 @@ def main(argv: list[str]) -> int:
 
     with standin(backend) as (url, backend_pids):
         pids = {"backend": backend_pids}
-        asyncio.run(run_direct(url, model, workload(concurrency, backend, 1), concurrency))
+        _run(run_direct(url, model, workload(concurrency, backend, 1), concurrency))
         rows.append(measured("direct", run_direct(url, model, jobs, concurrency), concurrency,
                              pids))
         with reasonq_stack(url, args.model, args.workers, log_dir) as (api, parts):
-            asyncio.run(run_reasonq(api, None, workload(concurrency, backend, 1), concurrency))
+            _run(run_reasonq(api, None, workload(concurrency, backend, 1), concurrency))
             rows.append(measured("reasonq", run_reasonq(api, None, jobs, concurrency),
                                  concurrency, {**pids, **parts}))
         if args.naive_requests:
@@ -424,7 +438,7 @@ def main(argv: list[str]) -> int:
             rows.append(measured("direct-zero", run_direct(url, model, zero_jobs, concurrency),
                                  concurrency, pids))
             with reasonq_stack(url, None, args.workers, log_dir) as (api, parts):
-                asyncio.run(run_reasonq(api, None, zero_jobs[:concurrency], concurrency))
+                _run(run_reasonq(api, None, zero_jobs[:concurrency], concurrency))
                 serial_jobs = zero_jobs[: max(1, args.zero_requests // 4)]
                 rows.append(measured("reasonq-zero-serial", run_reasonq(api, None, serial_jobs,
                                      1), 1, {**pids, **parts}))
