@@ -30,6 +30,7 @@ class EventHub:
         # Resolved when Redis confirms a SUBSCRIBE: only then is no publish missed.
         self._subscribed: dict[str, asyncio.Future[None]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._unsubscribing: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         await self._pubsub.subscribe(_IDLE_CHANNEL)
@@ -62,8 +63,17 @@ class EventHub:
             if not listeners:
                 del self._listeners[channel]
                 self._subscribed.pop(channel, None)
-                with suppress(RedisError):
-                    await self._pubsub.unsubscribe(channel)
+                # After the answer goes out, not before: the waiter's response is what
+                # the client is waiting for.
+                task = asyncio.create_task(self._unsubscribe(channel))
+                self._unsubscribing.add(task)
+                task.add_done_callback(self._unsubscribing.discard)
+
+    async def _unsubscribe(self, channel: str) -> None:
+        if channel in self._listeners:
+            return  # a new listener came meanwhile and has (re)subscribed it
+        with suppress(RedisError):
+            await self._pubsub.unsubscribe(channel)
 
     async def _read(self) -> None:
         while True:
