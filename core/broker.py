@@ -21,7 +21,7 @@ from celery import Celery
 from kombu import Queue
 from kombu.serialization import dumps
 
-from core import keys
+from core import keys, redis_transport
 from core.settings import settings
 
 RUN_JOB = "reasonq.run_job"
@@ -57,6 +57,7 @@ app.conf.update(
         "socket_timeout": 30,
         "health_check_interval": 10,
     },
+    **redis_transport.celery_options(settings.redis_url),
 )
 
 

@@ -4,6 +4,8 @@ inference servers that cannot run here."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -89,3 +91,19 @@ def wait_for_job(client: httpx.Client, job_id: str, timeout: float = 30) -> dict
             return job
         time.sleep(0.05)
     raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for ``localhost``: (certificate, key)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make a test certificate")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
