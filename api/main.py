@@ -49,7 +49,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
-        app.state.redis = aioredis.from_url(settings.redis_url, max_connections=512)
+        app.state.redis = aioredis.from_url(
+            settings.redis_url, max_connections=512, socket_timeout=settings.redis_timeout_s
+        )
         app.state.store = JobStore(app.state.redis, settings.result_ttl_s)
         app.state.hub = EventHub(app.state.redis)
         await app.state.hub.start()
@@ -86,6 +88,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
              "code": "redis_unavailable"},
             503,
             {"Retry-After": "1"},
+        )  # fmt: skip
+
+    @app.exception_handler(redis.exceptions.OutOfMemoryError)
+    @app.exception_handler(redis.exceptions.ReadOnlyError)
+    async def redis_refuses_writes(request: Request, exc: Exception) -> JSONResponse:
+        # Full (maxmemory with noeviction) or a read-only replica: nothing was written, since
+        # a write script is refused before it runs; what was accepted before stays.
+        log.error("%s %s: Redis refuses writes: %s", request.method, request.url.path, exc)
+        why = "is full" if isinstance(exc, redis.exceptions.OutOfMemoryError) else "is read-only"
+        return JSONResponse(
+            {"detail": f"the job queue (Redis) {why} and refuses writes; retry later",
+             "code": "redis_refuses_writes"},
+            503,
+            {"Retry-After": "30"},
         )  # fmt: skip
 
     @app.exception_handler(RequestValidationError)

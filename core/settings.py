@@ -27,6 +27,12 @@ class Settings(BaseSettings):
         "redis://127.0.0.1:6379/0",
         description="Redis holding the queues, job state, events and API keys.",
     )
+    redis_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds the API waits on one Redis command before answering 503: a hung "
+        "Redis never hangs a request.",
+    )
 
     # --- routing -----------------------------------------------------------------------
     runtime_queues: dict[str, str] = Field(

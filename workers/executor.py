@@ -50,13 +50,18 @@ T = TypeVar("T")
 # A runtime stops at its next token; one stuck waiting on its backend is cut off after this.
 CANCEL_GRACE_S = 1.0
 
-# Redis unreachable (restarting): a job's start and end are retried this long, then the
-# delivery is handed back to the broker (workers.tasks).
+# Redis unavailable: a job's start and end are retried this long, then the delivery is
+# handed back to the broker (workers.tasks).
 REDIS_OUTAGE_S = 60.0
 # A watch nudge for a job not (yet) running here is remembered this long.
 WATCH_HINT_S = 10.0
 
-REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+# Unreachable (restarting) or full (maxmemory): either way the write may succeed later.
+REDIS_UNAVAILABLE = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.OutOfMemoryError,
+)
 
 
 @dataclass
@@ -305,7 +310,7 @@ class Executor:
                     await self._control_once()
                 else:
                     await self._flush_watched()
-            except REDIS_DOWN as exc:  # Redis restarting: one line, not a traceback per tick
+            except REDIS_UNAVAILABLE as exc:  # one line, not a traceback per tick
                 log.warning("control loop: Redis unavailable (%s)", exc)
                 await asyncio.sleep(0.5)
             except Exception:  # Redis blips must not kill the loop
@@ -319,7 +324,7 @@ class Executor:
                     await pubsub.subscribe(keys.CONTROL)
                     async for message in pubsub.listen():
                         self._nudge(json.loads(message["data"]))
-            except REDIS_DOWN:
+            except REDIS_UNAVAILABLE:
                 await asyncio.sleep(0.5)  # resubscribes once Redis is back
             except Exception:
                 log.exception("control listener")
@@ -380,7 +385,7 @@ async def _until_redis_answers(call: Callable[[], Awaitable[T]], what: str) -> T
     while True:
         try:
             return await call()
-        except REDIS_DOWN as exc:
+        except REDIS_UNAVAILABLE as exc:
             if time.monotonic() + delay > deadline:
                 raise
             log.warning("%s: Redis unavailable (%s); retry in %.1f s", what, exc, delay)

@@ -8,7 +8,7 @@ from celery.exceptions import Reject
 
 from core.broker import RUN_JOB, app
 from core.settings import settings
-from workers.executor import REDIS_DOWN, Executor
+from workers.executor import REDIS_UNAVAILABLE, Executor
 
 executor = Executor(settings)
 
@@ -21,8 +21,8 @@ def run_job(self: Any, job_id: str, spec: dict[str, Any]) -> dict[str, Any]:
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
     try:
         return executor.run(job_id, spec, delivery_tag, redelivered)
-    except REDIS_DOWN as exc:
-        # Redis stayed unreachable past the executor's retries: hand the message back (if
-        # Redis is still down, its lease expires and it is restored) rather than ack a job
+    except REDIS_UNAVAILABLE as exc:
+        # Redis stayed unavailable past the executor's retries: hand the message back (if
+        # Redis still refuses, its lease expires and it is restored) rather than ack a job
         # whose end was never recorded.
         raise Reject(f"Redis unavailable: {exc}", requeue=True) from exc
