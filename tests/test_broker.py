@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
 
 from core import keys
 from core.broker import RUN_JOB, app, task_message
-from tests.cluster import RedisServer
 
 # Differ per publish (tags, reply queue) or are copies kombu leaves in the properties.
 _PER_PUBLISH = {"delivery_tag", "reply_to", "argsrepr", "kwargsrepr"}
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = RedisServer(Path(tmp_path_factory.mktemp("broker"))).start()
-    yield server.url
-    server.stop()
 
 
 def record(job_id: str, priority: int) -> dict:

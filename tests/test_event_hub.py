@@ -4,30 +4,16 @@ dropped after the last listener leaves, even when a new listener comes at once."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
 
 from api.events import EventHub
-from tests.cluster import RedisServer
 
 pytestmark = pytest.mark.anyio
 
 CHANNEL = "reasonq:job:hub-test:events"
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = RedisServer(Path(tmp_path_factory.mktemp("hub"))).start()
-    yield server.url
-    server.stop()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ its lost connection hands its unacknowledged messages back instead of raising, a
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
 
 import kombu
@@ -14,16 +13,9 @@ import redis
 from kombu.exceptions import OperationalError
 
 from core import redis_transport
-from tests.cluster import RedisServer, Service, free_port, redis_server_binary, wait_until
+from tests.cluster import Service, free_port, redis_server_binary, wait_until
 
 QUEUE = kombu.Queue("transport-test", routing_key="transport-test")
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = RedisServer(Path(tmp_path_factory.mktemp("transport"))).start()
-    yield server.url
-    server.stop()
 
 
 def receive_unacked(connection: kombu.Connection) -> kombu.transport.virtual.Channel:

@@ -4,29 +4,14 @@ acquired ahead that end up unused (``forgo``)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
 from core import keys
-from tests.cluster import RedisServer
 from workers.semaphore import BackendSemaphore
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = RedisServer(Path(tmp_path_factory.mktemp("semaphore"))).start()
-    yield server.url
-    server.stop()
 
 
 async def held_in_redis(client: aioredis.Redis, backend: str) -> int:

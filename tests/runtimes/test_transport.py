@@ -28,11 +28,6 @@ class Scripted:
     connections: int = 0
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @asynccontextmanager
 async def scripted(handler: Handler) -> AsyncIterator[Scripted]:
     """A TCP server on a free port running ``handler`` per connection."""
