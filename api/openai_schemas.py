@@ -23,6 +23,12 @@ class FileObject(BaseModel):
     expires_at: int | None = None
 
 
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
 class BatchCreateRequest(BaseModel):
     input_file_id: str = Field(min_length=1, max_length=256)
     endpoint: str

@@ -121,3 +121,24 @@ def test_cancel_and_unknown_ids(stack: Stack) -> None:
         client.batches.retrieve("batch_nope")
     with pytest.raises(NotFoundError):
         client.files.retrieve("file-nope")
+
+
+def test_delete_a_file(stack: Stack) -> None:
+    client = openai_client(stack)
+    uploaded = client.files.create(
+        file=("requests.jsonl", io.BytesIO(request_line("a", "hi").encode())), purpose="batch"
+    )
+    batch = wait_until_done(client, client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    ).id)  # fmt: skip
+    deleted = client.files.delete(uploaded.id)
+    assert deleted.id == uploaded.id and deleted.deleted
+    for gone in (client.files.retrieve, client.files.content, client.files.delete):
+        with pytest.raises(NotFoundError):
+            gone(uploaded.id)
+    # The batch made from it is untouched; its output file can be deleted too.
+    assert client.batches.retrieve(batch.id).request_counts.completed == 1
+    assert client.files.content(batch.output_file_id).text
+    assert client.files.delete(batch.output_file_id).deleted
+    with pytest.raises(NotFoundError):
+        client.files.content(batch.output_file_id)

@@ -35,6 +35,7 @@ from api.openai_schemas import (
     BatchErrors,
     BatchObject,
     BatchRequestCounts,
+    FileDeleted,
     FileObject,
 )
 from api.routes.batches import read_batch
@@ -128,6 +129,18 @@ async def get_file(file_id: str, redis: RedisDep, owner: OwnerDep) -> FileObject
         id=file_id, bytes=int(meta["bytes"]), created_at=int(meta["created_at"]),
         filename=meta["filename"], purpose=meta["purpose"],
     )
+
+
+@router.delete("/files/{file_id}", response_model=FileDeleted)
+async def delete_file(file_id: str, redis: RedisDep, owner: OwnerDep) -> FileDeleted | JSONResponse:
+    """Delete a file now rather than when it expires (``REASONQ_RESULT_TTL_S``): an input
+    file's bytes live in Redis. A batch already created from it is not affected; a
+    batch's output or error file is only unlisted (its jobs keep the results)."""
+    meta = await file_meta(redis, file_id)
+    if meta is None or meta.get("owner") != owner:
+        return invalid_request(f"no file {file_id!r}", "file_id", 404)
+    await redis.delete(keys.file(file_id), keys.file_content(file_id))
+    return FileDeleted(id=file_id)
 
 
 @router.get("/files/{file_id}/content", response_model=None)
