@@ -115,7 +115,7 @@ def convert(row: Row, to_job: RowConverter, settings: Settings) -> tuple[JobCrea
     row_id = to_job.row_id(row)
     try:
         job = to_job.job(row)
-        route(job.runtime or settings.default_runtime, settings)
+        route(job, settings)
     except ValidationError as exc:
         raise RowError(row.index, row.line, validation_reason(exc), row_id) from None
     except (RoutingError, RowError) as exc:

@@ -146,7 +146,10 @@ class OpenAIRows:
         body = line.get("body")
         if not isinstance(body, dict):
             raise BadLine("body: a JSON object is required")
-        known = {"model", "messages", "max_tokens", "max_completion_tokens", *SAMPLING}
+        known = {
+            "model", "messages", "max_tokens", "max_completion_tokens", "response_format",
+            *SAMPLING,
+        }  # fmt: skip
         unsupported = sorted(set(body) - known - IGNORED)
         if unsupported:
             raise BadLine(f"body: unsupported field(s) {', '.join(unsupported)}")
@@ -169,6 +172,7 @@ class OpenAIRows:
             "model": model,
             "max_tokens": body.get("max_completion_tokens") or body.get("max_tokens"),
             "priority": self.settings.batch_priority,
+            "response_format": body.get("response_format"),
             **{k: body[k] for k in SAMPLING if body.get(k) is not None},
         })
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any, Literal
 
@@ -12,6 +13,7 @@ from core.settings import settings
 TaskType = Literal["reasoning", "math", "coding", "chat"]
 RuntimeName = Literal["vllm", "ollama", "onnx"]
 JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+MAX_SCHEMA_BYTES = 32_768
 
 
 class ChatMessage(BaseModel):
@@ -19,6 +21,44 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant"]
     content: str = Field(max_length=settings.max_prompt_chars)
+
+
+class JsonSchema(BaseModel):
+    """OpenAI's ``response_format.json_schema``: the schema the output must match."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = Field(None, max_length=1024)
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _schema_size(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(value)) > MAX_SCHEMA_BYTES:
+            raise ValueError(f"the schema must be at most {MAX_SCHEMA_BYTES} bytes as JSON")
+        return value
+
+
+class ResponseFormat(BaseModel):
+    """Output constrained to JSON, as OpenAI's ``response_format``: ``json_object`` (any JSON
+    object) or ``json_schema`` (matching ``json_schema.schema``); vLLM and Ollama runtimes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema', and only then")
+        return self
+
+    @property
+    def wants_json(self) -> bool:
+        return self.type != "text"
 
 
 class JobCreate(BaseModel):
@@ -37,6 +77,7 @@ class JobCreate(BaseModel):
     top_k: int | None = Field(None, ge=0, le=1000)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: list[str] | None = Field(None, max_length=8)
+    response_format: ResponseFormat | None = None
     priority: int = Field(5, ge=0, le=9, description="0 lowest, 9 highest.")
     metadata: dict[str, Any] = Field(default_factory=dict, description="Echoed back as given.")
     callback_url: HttpUrl | None = Field(

@@ -12,7 +12,7 @@ import uuid
 from typing import Any
 
 from api.schemas import JobCreate
-from core.errors import RoutingError
+from core.errors import RoutingError, UnsupportedByRuntime
 from core.profiles import load_profiles
 from core.settings import Settings
 
@@ -21,7 +21,26 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
-def route(runtime: str, settings: Settings) -> str:
+# Runtimes whose backend constrains decoding to JSON (vLLM's guided decoding, Ollama's
+# ``format``); the in-worker ONNX decoder does not.
+JSON_OUTPUT_RUNTIMES = frozenset({"vllm", "ollama"})
+
+
+def route(job: JobCreate, settings: Settings) -> tuple[str, str]:
+    """The job's (runtime, queue); ``RoutingError`` when no queue serves its runtime or the
+    runtime cannot do what the job asks."""
+    runtime = job.runtime or settings.default_runtime
+    if job.response_format and job.response_format.wants_json and (
+        runtime not in JSON_OUTPUT_RUNTIMES
+    ):
+        raise UnsupportedByRuntime(
+            f"runtime {runtime!r} cannot constrain output to JSON (response_format); "
+            f"use one of: {', '.join(sorted(JSON_OUTPUT_RUNTIMES))}"
+        )
+    return runtime, queue_of(runtime, settings)
+
+
+def queue_of(runtime: str, settings: Settings) -> str:
     try:
         return settings.runtime_queues[runtime]
     except KeyError:
@@ -36,7 +55,7 @@ def build_record(
 ) -> dict[str, Any]:
     """The job's stored record: effective parameters after the task profile is applied."""
     profile = load_profiles(settings.profiles_file)[job.task_type]
-    runtime = job.runtime or settings.default_runtime
+    runtime, queue = route(job, settings)
     messages = (
         [m.model_dump() for m in job.messages]
         if job.messages
@@ -53,6 +72,9 @@ def build_record(
         "top_k": job.top_k or 0,
         "seed": job.seed,
         "stop": job.stop or [],
+        "response_format": job.response_format.model_dump(by_alias=True, exclude_none=True)
+        if job.response_format and job.response_format.wants_json
+        else None,
     }
     return {
         "id": job_id,
@@ -60,7 +82,7 @@ def build_record(
         "created_at": time.time(),
         "task_type": job.task_type,
         "runtime": runtime,
-        "queue": route(runtime, settings),
+        "queue": queue,
         "priority": job.priority,
         "owner": owner,
         "metadata": job.metadata,

@@ -42,6 +42,12 @@ class RoutingError(ReasonqError):
     code = "runtime_not_served"
 
 
+class UnsupportedByRuntime(RoutingError):
+    """The job asks for something its runtime cannot do (JSON output from the ONNX decoder)."""
+
+    code = "unsupported_by_runtime"
+
+
 class IdempotencyConflict(ReasonqError):
     code = "idempotency_conflict"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -21,6 +21,8 @@ class GenerationRequest:
     top_k: int = 0  # 0 = disabled
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # OpenAI's response_format (json_object or json_schema); None: free text.
+    response_format: dict[str, Any] | None = None
 
 
 @dataclass

@@ -67,6 +67,8 @@ class OllamaRuntime(HTTPRuntime):
             "stream": True,
             "options": options,
         }
+        if request.response_format:
+            body["format"] = ollama_format(request.response_format)
         if self.keep_alive is not None:
             body["keep_alive"] = self.keep_alive
         return body
@@ -87,3 +89,10 @@ class OllamaRuntime(HTTPRuntime):
             state.finish_reason = "length" if obj.get("done_reason") == "length" else "stop"
             state.prompt_tokens = obj.get("prompt_eval_count")
             state.completion_tokens = obj.get("eval_count")
+
+
+def ollama_format(response_format: dict[str, Any]) -> str | dict[str, Any]:
+    """OpenAI's ``response_format`` as Ollama's ``format``: ``"json"`` or the JSON schema."""
+    if response_format["type"] == "json_schema":
+        return response_format["json_schema"]["schema"]
+    return "json"

@@ -77,6 +77,7 @@ class VLLMRuntime(HTTPRuntime):
             "temperature": request.temperature,
             "top_p": request.top_p,
             **optional_sampling(request),
+            **({"response_format": request.response_format} if request.response_format else {}),
         }
 
     def parse_line(self, line: bytes, state: StreamState) -> None:

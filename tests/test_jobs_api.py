@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import httpx
@@ -61,6 +62,32 @@ def test_profile_and_overrides_reach_the_backend(stack: Stack) -> None:
     assert body["top_k"] == 20 and body["seed"] == 42 and body["stop"] == ["\n\n"]
 
 
+@pytest.mark.parametrize("runtime", ["vllm", "ollama"])
+def test_json_output_by_schema(stack: Stack, runtime: str) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string"}, "steps": {"type": "integer"}},
+        "required": ["answer", "steps"],
+    }
+    response_format = {"type": "json_schema", "json_schema": {"name": "solution", "schema": schema}}
+    with stack.client() as client:
+        job = submit(client, prompt="What is 17 * 3?", runtime=runtime, task_type="math",
+                     response_format=response_format)  # fmt: skip
+        job = wait_for_job(client, job["id"])
+    assert job["status"] == "succeeded", job
+    assert json.loads(job["result"]["text"]).keys() == {"answer", "steps"}
+
+
+def test_json_output_is_refused_for_the_onnx_runtime(stack: Stack) -> None:
+    with stack.client() as client:
+        response = client.post("/v1/jobs", json={
+            "prompt": "x", "runtime": "onnx", "response_format": {"type": "json_object"},
+        })  # fmt: skip
+    assert response.status_code == 422
+    assert response.json()["code"] == "unsupported_by_runtime"
+    assert "vllm" in response.json()["detail"]
+
+
 def test_wait_returns_when_the_job_ends(stack: Stack) -> None:
     with stack.client() as client:
         job = submit(client, prompt="hi", runtime="vllm")
@@ -109,6 +136,10 @@ def test_unknown_job_is_404(stack: Stack) -> None:
         ({"prompt": "x", "runtime": "tgi"}, "runtime"),
         ({"prompt": "x", "unknown_field": 1}, "unknown_field"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
+        ({"prompt": "x", "response_format": {"type": "xml"}}, "type"),
+        ({"prompt": "x", "response_format": {"type": "json_schema"}}, "response_format"),
+        ({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {
+            "name": "a b", "schema": {}}}}, "name"),
     ],
 )
 def test_validation_errors_name_the_field(stack: Stack, body: dict, field: str) -> None:

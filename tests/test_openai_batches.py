@@ -142,3 +142,18 @@ def test_delete_a_file(stack: Stack) -> None:
     assert client.files.delete(batch.output_file_id).deleted
     with pytest.raises(NotFoundError):
         client.files.content(batch.output_file_id)
+
+
+def test_response_format_in_request_lines(stack: Stack) -> None:
+    client = openai_client(stack)
+    response_format = {"type": "json_schema", "json_schema": {
+        "name": "sum", "schema": {"type": "object", "properties": {"total": {"type": "integer"}}},
+    }}  # fmt: skip
+    line = request_line("a", "Add 2 and 3.", response_format=response_format)
+    uploaded = client.files.create(file=("r.jsonl", io.BytesIO(line.encode())), purpose="batch")
+    batch = wait_until_done(client, client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    ).id)  # fmt: skip
+    [output] = client.files.content(batch.output_file_id).text.splitlines()
+    answer = json.loads(output)["response"]["body"]["choices"][0]["message"]["content"]
+    assert isinstance(json.loads(answer)["total"], int)

@@ -16,7 +16,7 @@ from api.deps import BatchesDep, OwnerDep, SettingsDep
 from api.limits import RateLimit
 from api.routes.jobs import base_url
 from api.schemas import ErrorResponse
-from api.submission import new_job_id, route
+from api.submission import new_job_id, queue_of
 from core.batches import BatchStore
 from core.errors import BatchNotFound
 from core.public import batch_view
@@ -69,7 +69,7 @@ async def create_batch(
     With a ``callback_url``, the batch's summary is POSTed there once its last job ended.
     """
     if options.runtime:
-        route(options.runtime, settings)
+        queue_of(options.runtime, settings)
     callback_url = str(options.callback_url) if options.callback_url else None
     if callback_url:
         await check_callback_url(callback_url, settings)

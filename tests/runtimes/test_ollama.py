@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 
@@ -11,7 +12,7 @@ import pytest
 from core.errors import BackendBusy, BackendRejected, BackendUnavailable
 from runtimes.http import HTTPOptions, StreamState
 from runtimes.ollama import OllamaRuntime
-from tests.runtimes.common import FAST, ask
+from tests.runtimes.common import ANSWER_SCHEMA, FAST, JSON_SCHEMA_FORMAT, ask
 from tests.standins.engine import count_prompt_tokens, plan_reply
 from tests.standins.ollama_server import BUSY, OllamaConfig, OllamaStandIn
 from tests.standins.server_thread import ServerThread, StandInControl, free_port
@@ -196,3 +197,20 @@ def test_error_line_inside_the_stream_is_mapped() -> None:
     with pytest.raises(BackendUnavailable, match="out of memory"):
         runtime.parse_line(b'{"error": "out of memory"}', state)
     assert state.parts == [" hi"]
+
+
+async def test_response_format_becomes_ollamas_format(
+    server: ServerThread, ctl: StandInControl
+) -> None:
+    runtime = OllamaRuntime(server.url, options=FAST)
+    schema_reply = await runtime.generate(ask("hi", response_format=JSON_SCHEMA_FORMAT))
+    object_reply = await runtime.generate(ask("hi", response_format={"type": "json_object"}))
+    plain = await runtime.generate(ask("hi"))
+    await runtime.aclose()
+    first, second, third = (r["body"] for r in ctl.requests())
+    assert first["format"] == ANSWER_SCHEMA
+    assert second["format"] == "json"
+    assert "format" not in third
+    assert json.loads(schema_reply.text).keys() == {"answer", "confidence"}
+    assert isinstance(json.loads(object_reply.text), dict)
+    assert not plain.text.lstrip().startswith("{")

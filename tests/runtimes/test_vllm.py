@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 
@@ -16,7 +17,7 @@ from core.errors import (
 )
 from runtimes.http import HTTPOptions, StreamState, backend_message, retry_after_s
 from runtimes.vllm import VLLMRuntime
-from tests.runtimes.common import FAST, ask
+from tests.runtimes.common import FAST, JSON_SCHEMA_FORMAT, ask
 from tests.standins.engine import count_prompt_tokens, plan_reply
 from tests.standins.openai_server import OpenAIConfig, OpenAIStandIn
 from tests.standins.server_thread import ServerThread, StandInControl, free_port
@@ -301,3 +302,17 @@ def test_backend_message_and_retry_after_parsing() -> None:
     assert retry_after_s("3") == 3.0
     assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
     assert retry_after_s("soon") is None
+
+
+async def test_response_format_sent_as_is_and_json_comes_back(
+    server: ServerThread, ctl: StandInControl
+) -> None:
+    runtime = VLLMRuntime(server.url, model=MODEL, options=FAST)
+    schema_reply = await runtime.generate(ask("hi", response_format=JSON_SCHEMA_FORMAT))
+    object_reply = await runtime.generate(ask("hi", response_format={"type": "json_object"}))
+    await runtime.aclose()
+    first, second = (r["body"] for r in ctl.requests())
+    assert first["response_format"] == JSON_SCHEMA_FORMAT
+    assert second["response_format"] == {"type": "json_object"}
+    assert json.loads(schema_reply.text).keys() == {"answer", "confidence"}
+    assert isinstance(json.loads(object_reply.text), dict)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import math
 import random
 import time
@@ -140,6 +141,33 @@ def plan_reply(
     if hits:
         words, finish = _cut(words, min(hits)), "stop"
     return Reply(words, finish)
+
+
+def plan_json_reply(
+    messages: list[dict], schema: dict | None, max_tokens: int | None, seed: int | None = None
+) -> Reply:
+    """The reply under guided decoding (vLLM's ``response_format``, Ollama's ``format``): an
+    instance of ``schema``, or ``{"answer": ...}`` for plain JSON mode; deterministic as
+    ``plan_reply`` is. Four characters a token; ``max_tokens`` cuts it short ("length")."""
+    words = plan_reply(messages, 6, None, seed).text.split()
+    value = _instance(schema, " ".join(words)) if schema else {"answer": " ".join(words)}
+    text = json.dumps(value)
+    tokens = [text[i : i + 4] for i in range(0, len(text), 4)]
+    if max_tokens is not None and len(tokens) > max_tokens:
+        return Reply(tokens[:max_tokens], "length")
+    return Reply(tokens, "stop")
+
+
+def _instance(schema: dict, text: str) -> object:
+    """A value matching ``schema`` (the JSON Schema subset structured outputs use)."""
+    if "enum" in schema:
+        return schema["enum"][0]
+    kind = schema.get("type")
+    if kind == "object":
+        return {k: _instance(v, text) for k, v in (schema.get("properties") or {}).items()}
+    if kind == "array":
+        return [_instance(schema.get("items") or {}, text)]
+    return {"integer": 42, "number": 0.5, "boolean": True, "null": None}.get(kind, text)
 
 
 def _cut(words: list[str], at: int) -> list[str]:

@@ -42,6 +42,7 @@ from tests.standins.engine import (
     Reply,
     Sequence,
     count_prompt_tokens,
+    plan_json_reply,
     plan_reply,
 )
 
@@ -154,13 +155,21 @@ class OllamaStandIn:
         options = body.get("options") or {}
         num_predict = options.get("num_predict", -1)
         stop = options.get("stop") or []
-        reply = plan_reply(
-            messages,
-            self.lengths.draw(),
-            None if num_predict is None or num_predict < 0 else num_predict,
-            seed=options.get("seed"),
-            stop=[stop] if isinstance(stop, str) else list(stop),
-        )
+        limit = None if num_predict is None or num_predict < 0 else num_predict
+        fmt = body.get("format")
+        if fmt and not (fmt == "json" or isinstance(fmt, dict)):
+            return _finish(rec, _error(400, f"invalid format: {fmt!r}"))
+        if fmt:  # "json", or a JSON schema
+            schema = fmt if isinstance(fmt, dict) else None
+            reply = plan_json_reply(messages, schema, limit, options.get("seed"))
+        else:
+            reply = plan_reply(
+                messages,
+                self.lengths.draw(),
+                limit,
+                seed=options.get("seed"),
+                stop=[stop] if isinstance(stop, str) else list(stop),
+            )
         gen = _Generation(name, chat, count_prompt_tokens(messages), received)
         drop_after = fault.after_tokens if fault and fault.drop == "mid_stream" else None
         try:

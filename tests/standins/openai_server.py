@@ -41,6 +41,7 @@ from tests.standins.engine import (
     Reply,
     Sequence,
     count_prompt_tokens,
+    plan_json_reply,
     plan_reply,
 )
 
@@ -152,13 +153,18 @@ class OpenAIStandIn:
         if max_tokens is None:
             max_tokens = self.config.max_model_len - prompt_tokens
         stop = body.get("stop") or []
-        reply = plan_reply(
-            messages,
-            self.lengths.draw(),
-            max_tokens,
-            seed=body.get("seed"),
-            stop=[stop] if isinstance(stop, str) else list(stop),
-        )
+        response_format = body.get("response_format") or {"type": "text"}
+        if response_format["type"] == "text":
+            reply = plan_reply(
+                messages,
+                self.lengths.draw(),
+                max_tokens,
+                seed=body.get("seed"),
+                stop=[stop] if isinstance(stop, str) else list(stop),
+            )
+        else:
+            schema = (response_format.get("json_schema") or {}).get("schema")
+            reply = plan_json_reply(messages, schema, max_tokens, body.get("seed"))
         model = body.get("model") or self.config.model
         meta = _Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model, prompt_tokens)
         drop_after = fault.after_tokens if fault and fault.drop == "mid_stream" else None
@@ -180,6 +186,17 @@ class OpenAIStandIn:
         model = body.get("model")
         if model is not None and model != self.config.model:
             return self.error(404, f"The model `{model}` does not exist.", "model")
+        response_format = body.get("response_format")
+        if response_format is not None:
+            kind = response_format.get("type") if isinstance(response_format, dict) else None
+            if kind not in ("text", "json_object", "json_schema"):
+                return self.error(
+                    400, "response_format.type must be text, json_object or json_schema",
+                    "response_format",
+                )  # fmt: skip
+            schema = (response_format.get("json_schema") or {}).get("schema")
+            if kind == "json_schema" and not isinstance(schema, dict):
+                return self.error(400, "json_schema.schema is required", "response_format")
         limit = self.config.max_model_len
         prompt = count_prompt_tokens(body["messages"])
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
