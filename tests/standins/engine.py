@@ -118,13 +118,21 @@ def plan_reply(
     max_tokens: int | None,
     seed: int | None = None,
     stop: list[str] | None = None,
+    json_schema: dict | bool = False,
 ) -> Reply:
     """The reply to ``messages``: deterministic in the prompt and ``seed``.
+
+    With ``json_schema`` (a schema, or True for any JSON object) the reply is JSON, as under
+    guided decoding (vLLM's ``response_format``, Ollama's ``format``): an instance of the
+    schema, or ``{"answer": ...}``; four characters a token.
 
     ``natural_len`` is where the model would emit EOS (ignored for echo prompts, which end
     after their words); ``max_tokens`` cuts earlier with finish reason "length". A stop string
     ends the text just before it, with finish reason "stop", as vLLM and Ollama do.
     """
+    if json_schema:
+        schema = json_schema if isinstance(json_schema, dict) else None
+        return _json_reply(messages, schema, max_tokens, seed)
     user = _last_user_text(messages).lstrip()
     if user.lower().startswith(ECHO_PREFIX):
         words = [" " + w for w in user[len(ECHO_PREFIX) :].split()]
@@ -143,12 +151,9 @@ def plan_reply(
     return Reply(words, finish)
 
 
-def plan_json_reply(
-    messages: list[dict], schema: dict | None, max_tokens: int | None, seed: int | None = None
+def _json_reply(
+    messages: list[dict], schema: dict | None, max_tokens: int | None, seed: int | None
 ) -> Reply:
-    """The reply under guided decoding (vLLM's ``response_format``, Ollama's ``format``): an
-    instance of ``schema``, or ``{"answer": ...}`` for plain JSON mode; deterministic as
-    ``plan_reply`` is. Four characters a token; ``max_tokens`` cuts it short ("length")."""
     words = plan_reply(messages, 6, None, seed).text.split()
     value = _instance(schema, " ".join(words)) if schema else {"answer": " ".join(words)}
     text = json.dumps(value)

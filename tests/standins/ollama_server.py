@@ -42,7 +42,6 @@ from tests.standins.engine import (
     Reply,
     Sequence,
     count_prompt_tokens,
-    plan_json_reply,
     plan_reply,
 )
 
@@ -159,17 +158,14 @@ class OllamaStandIn:
         fmt = body.get("format")
         if fmt and not (fmt == "json" or isinstance(fmt, dict)):
             return _finish(rec, _error(400, f"invalid format: {fmt!r}"))
-        if fmt:  # "json", or a JSON schema
-            schema = fmt if isinstance(fmt, dict) else None
-            reply = plan_json_reply(messages, schema, limit, options.get("seed"))
-        else:
-            reply = plan_reply(
-                messages,
-                self.lengths.draw(),
-                limit,
-                seed=options.get("seed"),
-                stop=[stop] if isinstance(stop, str) else list(stop),
-            )
+        reply = plan_reply(
+            messages,
+            self.lengths.draw(),
+            limit,
+            seed=options.get("seed"),
+            stop=[stop] if isinstance(stop, str) else list(stop),
+            json_schema=fmt if isinstance(fmt, dict) else fmt == "json",
+        )
         gen = _Generation(name, chat, count_prompt_tokens(messages), received)
         drop_after = fault.after_tokens if fault and fault.drop == "mid_stream" else None
         try:

@@ -41,7 +41,6 @@ from tests.standins.engine import (
     Reply,
     Sequence,
     count_prompt_tokens,
-    plan_json_reply,
     plan_reply,
 )
 
@@ -154,17 +153,15 @@ class OpenAIStandIn:
             max_tokens = self.config.max_model_len - prompt_tokens
         stop = body.get("stop") or []
         response_format = body.get("response_format") or {"type": "text"}
-        if response_format["type"] == "text":
-            reply = plan_reply(
-                messages,
-                self.lengths.draw(),
-                max_tokens,
-                seed=body.get("seed"),
-                stop=[stop] if isinstance(stop, str) else list(stop),
-            )
-        else:
-            schema = (response_format.get("json_schema") or {}).get("schema")
-            reply = plan_json_reply(messages, schema, max_tokens, body.get("seed"))
+        reply = plan_reply(
+            messages,
+            self.lengths.draw(),
+            max_tokens,
+            seed=body.get("seed"),
+            stop=[stop] if isinstance(stop, str) else list(stop),
+            json_schema=(response_format.get("json_schema") or {}).get("schema")
+            or response_format["type"] == "json_object",
+        )
         model = body.get("model") or self.config.model
         meta = _Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model, prompt_tokens)
         drop_after = fault.after_tokens if fault and fault.drop == "mid_stream" else None
