@@ -45,7 +45,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import numpy as np
@@ -58,8 +58,6 @@ from tests.standins.server_thread import StandInProcess
 
 SYSTEM_PROMPT = "You are a helpful assistant."  # what the "chat" profile adds, sent direct too
 TEMPERATURE, TOP_P = 0.7, 0.9  # the "chat" profile's sampling, sent direct too
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -135,15 +133,11 @@ async def closed_loop(
 
 def _client(base_url: str, timeout: float, concurrency: int) -> httpx.AsyncClient:
     """The harness's client, the same for every run: httpx on the workers' own transport
-    (``runtimes.transport``), run on uvloop (``_run``). On httpx's default transport the
+    (``runtimes.transport``), run on uvloop. On httpx's default transport the
     client spent 3.7 ms CPU per job, which showed up as 2 ms of reasonq's added latency
     (docs/performance.md)."""
     transport = StreamTransport(max_keepalive_connections=concurrency)
     return httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport)
-
-
-def _run(coroutine: Awaitable[T]) -> T:
-    return uvloop.run(coroutine)
 
 
 async def run_direct(url: str, model: str, jobs: list[dict], concurrency: int):
@@ -380,7 +374,7 @@ def measured(
     name: str, run: Awaitable, concurrency: int, pids: dict[str, list[int]]
 ) -> dict[str, Any]:
     before = {**cpu_seconds(pids), "client": time.process_time()}
-    samples, wall = _run(run)
+    samples, wall = uvloop.run(run)
     after = {**cpu_seconds(pids), "client": time.process_time()}
     row = summarise(name, samples, wall, concurrency, {k: after[k] - before[k] for k in after})
     print(json.dumps(row), flush=True)
@@ -419,11 +413,11 @@ def main(argv: list[str]) -> int:
 
     with standin(backend) as (url, backend_pids):
         pids = {"backend": backend_pids}
-        _run(run_direct(url, model, workload(concurrency, backend, 1), concurrency))
+        uvloop.run(run_direct(url, model, workload(concurrency, backend, 1), concurrency))
         rows.append(measured("direct", run_direct(url, model, jobs, concurrency), concurrency,
                              pids))
         with reasonq_stack(url, args.model, args.workers, log_dir) as (api, parts):
-            _run(run_reasonq(api, None, workload(concurrency, backend, 1), concurrency))
+            uvloop.run(run_reasonq(api, None, workload(concurrency, backend, 1), concurrency))
             rows.append(measured("reasonq", run_reasonq(api, None, jobs, concurrency),
                                  concurrency, {**pids, **parts}))
         if args.naive_requests:
@@ -438,7 +432,7 @@ def main(argv: list[str]) -> int:
             rows.append(measured("direct-zero", run_direct(url, model, zero_jobs, concurrency),
                                  concurrency, pids))
             with reasonq_stack(url, None, args.workers, log_dir) as (api, parts):
-                _run(run_reasonq(api, None, zero_jobs[:concurrency], concurrency))
+                uvloop.run(run_reasonq(api, None, zero_jobs[:concurrency], concurrency))
                 serial_jobs = zero_jobs[: max(1, args.zero_requests // 4)]
                 rows.append(measured("reasonq-zero-serial", run_reasonq(api, None, serial_jobs,
                                      1), 1, {**pids, **parts}))
