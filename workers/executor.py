@@ -15,6 +15,7 @@ net for a lost nudge) and renews their broker leases and semaphore slots.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -89,6 +90,7 @@ class Executor:
         self._started = threading.Lock()
         self._last_lease_renewal = 0.0
         self._watch_hints: dict[str, float] = {}  # job id -> when a watcher announced itself
+        self._begun: dict[str, concurrent.futures.Future[dict[str, Any]]] = {}  # by delivery
 
     # --- the loop thread ------------------------------------------------------------
     def start(self) -> asyncio.AbstractEventLoop:
@@ -134,13 +136,25 @@ class Executor:
             except Exception:  # e.g. no model yet: its jobs will fail with the reason
                 log.exception("warming up runtime %s failed", name)
 
+    def begin(
+        self, job_id: str, spec: dict[str, Any], delivery_tag: str, redelivered: bool
+    ) -> None:
+        """Start a delivered job on the loop now; its pool thread's ``run`` waits for it.
+        Called from Celery's consumer as it hands the message to the pool, so waking a pool
+        thread is not on the job's path (docs/performance.md)."""
+        coroutine = self._run(job_id, spec, delivery_tag, redelivered)
+        self._begun[delivery_tag] = asyncio.run_coroutine_threadsafe(coroutine, self.start())
+
     def run(
         self, job_id: str, spec: dict[str, Any], delivery_tag: str | None, redelivered: bool
     ) -> dict[str, Any]:
-        """Run one job to its end; called from a Celery pool thread. Returns a summary."""
-        loop = self.start()
-        coroutine = self._run(job_id, spec, delivery_tag, redelivered)
-        return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
+        """Run one job to its end, or wait for the one ``begin`` started; called from a
+        Celery pool thread. Returns a summary."""
+        begun = self._begun.pop(delivery_tag, None) if delivery_tag else None
+        if begun is None:
+            coroutine = self._run(job_id, spec, delivery_tag, redelivered)
+            begun = asyncio.run_coroutine_threadsafe(coroutine, self.start())
+        return begun.result()
 
     # --- one job --------------------------------------------------------------------
     async def _run(

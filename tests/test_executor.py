@@ -1,0 +1,67 @@
+"""The worker's executor in-process, on a real redis-server and the vLLM stand-in.
+
+A job is begun as Celery's consumer receives its message (``workers.tasks``), before a pool
+thread picks it up; the pool thread's ``run`` then waits for that run instead of starting
+a second one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from api.schemas import JobCreate
+from api.submission import build_record
+from core import keys
+from core.broker import task_message
+from core.jobs import JobStore
+from core.settings import Settings
+from tests.cluster import wait_until
+from tests.standins.openai_server import OpenAIConfig, OpenAIStandIn
+from tests.standins.server_thread import ServerThread
+from workers.executor import Executor
+
+
+@pytest.fixture(scope="module")
+def settings(redis_url: str) -> Iterator[Settings]:
+    config = OpenAIConfig(step_base_s=0.001, step_per_seq_s=0, output_len="6")
+    with ServerThread(OpenAIStandIn(config).app) as vllm:
+        yield Settings(redis_url=redis_url, vllm_url=vllm.url, runtime_queues={"vllm": "gpu"})
+
+
+def queued_job(settings: Settings, job_id: str) -> dict:
+    """A job stored and queued as the API does; returns its record (the task's ``spec``)."""
+    job = JobCreate(prompt="echo: one two three", runtime="vllm")
+    record = build_record(job, job_id, settings, "anonymous")
+
+    async def create() -> None:
+        client = aioredis.from_url(settings.redis_url)
+        await JobStore(client, settings.result_ttl_s).create(record, task_message(record, False))
+        await client.aclose()
+
+    asyncio.run(create())
+    return record
+
+
+def test_begun_job_runs_without_its_pool_thread_and_only_once(settings: Settings) -> None:
+    record = queued_job(settings, "job-begun")
+    executor = Executor(settings)
+    executor.begin("job-begun", record, "delivery-1", redelivered=False)
+    client = redis.Redis.from_url(settings.redis_url)
+    wait_until(
+        lambda: client.hget(keys.job("job-begun"), "status") == b"succeeded", 10, "begun job"
+    )
+    # A second run would find the job ended and report no attempts of its own.
+    summary = executor.run("job-begun", record, "delivery-1", redelivered=False)
+    assert summary == {"job_id": "job-begun", "status": "succeeded", "attempts": 1}
+    assert client.hget(keys.job("job-begun"), "attempts") == b"1"
+
+
+def test_job_not_begun_runs_in_its_pool_thread(settings: Settings) -> None:
+    record = queued_job(settings, "job-plain")
+    summary = Executor(settings).run("job-plain", record, "delivery-2", redelivered=False)
+    assert summary == {"job_id": "job-plain", "status": "succeeded", "attempts": 1}
