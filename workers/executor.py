@@ -1,7 +1,7 @@
 """Runs jobs for one worker process on a single asyncio loop.
 
-Celery's thread pool hands each job to ``Executor.run``, which parks the thread on a
-coroutine of the shared loop. Every generation of the process shares that loop, one
+Celery's consumer starts each job on the shared loop as it receives the message
+(``Executor.begin``); the job's pool thread parks in ``Executor.run`` until it ends. Every generation of the process shares that loop, one
 client per runtime and one Redis connection pool, so a process keeps
 ``REASONQ_WORKER_CONCURRENCY`` generations in flight for the CPU cost of a single thread.
 
