@@ -1,9 +1,10 @@
 """Runs jobs for one worker process on a single asyncio loop.
 
 Celery's consumer starts each job on the shared loop as it receives the message
-(``Executor.begin``); the job's pool thread parks in ``Executor.run`` until it ends. Every generation of the process shares that loop, one
-client per runtime and one Redis connection pool, so a process keeps
-``REASONQ_WORKER_CONCURRENCY`` generations in flight for the CPU cost of a single thread.
+(``Executor.begin``); the job's pool thread parks in ``Executor.run`` until it ends. Every
+generation of the process shares that loop, one client per runtime and one Redis
+connection pool, so a process keeps ``REASONQ_WORKER_CONCURRENCY`` generations in flight
+for the CPU cost of a single thread.
 
 Cancel requests and new event-stream watchers arrive at once over pub/sub
 (``keys.CONTROL``). A control loop publishes the buffered tokens of watched jobs (tokens
@@ -142,8 +143,7 @@ class Executor:
         """Start a delivered job on the loop now; its pool thread's ``run`` waits for it.
         Called from Celery's consumer as it hands the message to the pool, so waking a pool
         thread is not on the job's path (docs/performance.md)."""
-        coroutine = self._run(job_id, spec, delivery_tag, redelivered)
-        self._begun[delivery_tag] = asyncio.run_coroutine_threadsafe(coroutine, self.start())
+        self._begun[delivery_tag] = self._submit(job_id, spec, delivery_tag, redelivered)
 
     def run(
         self, job_id: str, spec: dict[str, Any], delivery_tag: str | None, redelivered: bool
@@ -152,9 +152,14 @@ class Executor:
         Celery pool thread. Returns a summary."""
         begun = self._begun.pop(delivery_tag, None) if delivery_tag else None
         if begun is None:
-            coroutine = self._run(job_id, spec, delivery_tag, redelivered)
-            begun = asyncio.run_coroutine_threadsafe(coroutine, self.start())
+            begun = self._submit(job_id, spec, delivery_tag, redelivered)
         return begun.result()
+
+    def _submit(
+        self, job_id: str, spec: dict[str, Any], delivery_tag: str | None, redelivered: bool
+    ) -> concurrent.futures.Future[dict[str, Any]]:
+        coroutine = self._run(job_id, spec, delivery_tag, redelivered)
+        return asyncio.run_coroutine_threadsafe(coroutine, self.start())
 
     # --- one job --------------------------------------------------------------------
     async def _run(
