@@ -56,10 +56,6 @@ class ResponseFormat(BaseModel):
             raise ValueError("json_schema is required with type 'json_schema', and only then")
         return self
 
-    @property
-    def wants_json(self) -> bool:
-        return self.type != "text"
-
 
 class JobCreate(BaseModel):
     """A generation to run. Parameters left out come from the task profile."""
@@ -86,6 +82,13 @@ class JobCreate(BaseModel):
         description="POSTed the final job, signed (docs/webhooks.md). Must be a public "
         "address unless the server allow-lists it.",
     )
+
+    @property
+    def json_output(self) -> ResponseFormat | None:
+        """``response_format`` when it asks for JSON; None for free text (``type: text``)."""
+        if self.response_format and self.response_format.type != "text":
+            return self.response_format
+        return None
 
     @field_validator("stop", mode="before")
     @classmethod

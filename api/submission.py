@@ -30,9 +30,7 @@ def route(job: JobCreate, settings: Settings) -> tuple[str, str]:
     """The job's (runtime, queue); ``RoutingError`` when no queue serves its runtime or the
     runtime cannot do what the job asks."""
     runtime = job.runtime or settings.default_runtime
-    if job.response_format and job.response_format.wants_json and (
-        runtime not in JSON_OUTPUT_RUNTIMES
-    ):
+    if job.json_output and runtime not in JSON_OUTPUT_RUNTIMES:
         raise UnsupportedByRuntime(
             f"runtime {runtime!r} cannot constrain output to JSON (response_format); "
             f"use one of: {', '.join(sorted(JSON_OUTPUT_RUNTIMES))}"
@@ -72,8 +70,8 @@ def build_record(
         "top_k": job.top_k or 0,
         "seed": job.seed,
         "stop": job.stop or [],
-        "response_format": job.response_format.model_dump(by_alias=True, exclude_none=True)
-        if job.response_format and job.response_format.wants_json
+        "response_format": job.json_output.model_dump(by_alias=True, exclude_none=True)
+        if job.json_output
         else None,
     }
     return {
