@@ -39,8 +39,9 @@ app.conf.update(
     task_default_queue=settings.queues[0],
     # One message reserved per free slot: a busy worker never hoards jobs an idle one could run.
     worker_prefetch_multiplier=1,
-    # HTTP generations are I/O bound: threads park on an asyncio loop shared per process.
-    worker_pool="threads",
+    # HTTP generations are I/O bound: threads park on an asyncio loop shared per process
+    # (Celery's thread pool, adapted in workers.pool).
+    worker_pool="workers.pool:TaskPool",
     worker_concurrency=settings.worker_concurrency,
     worker_send_task_events=True,
     worker_hijack_root_logger=False,

@@ -1,10 +1,11 @@
 """Runs jobs for one worker process on a single asyncio loop.
 
 Celery's consumer starts each job on the shared loop as it receives the message
-(``Executor.begin``); the job's pool thread parks in ``Executor.run`` until it ends. Every
-generation of the process shares that loop, one client per runtime and one Redis
-connection pool, so a process keeps ``REASONQ_WORKER_CONCURRENCY`` generations in flight
-for the CPU cost of a single thread.
+(``Executor.begin``); the job's pool thread, handed the job once its backend request is
+out (``workers.pool``), parks in ``Executor.run`` until it ends. Every generation of the
+process shares that loop, one client per runtime and one Redis connection pool, so a
+process keeps ``REASONQ_WORKER_CONCURRENCY`` generations in flight for the CPU cost of a
+single thread.
 
 Cancel requests and new event-stream watchers arrive at once over pub/sub
 (``keys.CONTROL``). A control loop publishes the buffered tokens of watched jobs (tokens
@@ -70,6 +71,8 @@ REDIS_UNAVAILABLE = (
 class RunningJob:
     job_id: str
     delivery_tag: str | None
+    # Resolved once the backend request is out or the job has ended (workers.pool).
+    under_way: concurrent.futures.Future[None] | None = None
     cancel_requested: asyncio.Event = field(default_factory=asyncio.Event)
     watched: bool = False
     # Appended from any thread (the ONNX engine calls back from its own); list.append is atomic.
@@ -79,6 +82,18 @@ class RunningJob:
     @property
     def cancelled(self) -> bool:
         return self.cancel_requested.is_set()
+
+    def mark_under_way(self) -> None:
+        if self.under_way is not None and not self.under_way.done():
+            self.under_way.set_result(None)
+
+
+@dataclass
+class BegunJob:
+    """A job ``Executor.begin`` started: its run, and when it is under way."""
+
+    run: concurrent.futures.Future[dict[str, Any]]
+    under_way: concurrent.futures.Future[None]
 
 
 class Executor:
@@ -91,7 +106,7 @@ class Executor:
         self._started = threading.Lock()
         self._last_lease_renewal = 0.0
         self._watch_hints: dict[str, float] = {}  # job id -> when a watcher announced itself
-        self._begun: dict[str, concurrent.futures.Future[dict[str, Any]]] = {}  # by delivery
+        self._begun: dict[str, BegunJob] = {}  # by delivery tag
 
     # --- the loop thread ------------------------------------------------------------
     def start(self) -> asyncio.AbstractEventLoop:
@@ -143,7 +158,15 @@ class Executor:
         """Start a delivered job on the loop now; its pool thread's ``run`` waits for it.
         Called from Celery's consumer as it hands the message to the pool, so waking a pool
         thread is not on the job's path (docs/performance.md)."""
-        self._begun[delivery_tag] = self._submit(job_id, spec, delivery_tag, redelivered)
+        under_way: concurrent.futures.Future[None] = concurrent.futures.Future()
+        run = self._submit(job_id, spec, delivery_tag, redelivered, under_way)
+        self._begun[delivery_tag] = BegunJob(run, under_way)
+
+    def under_way(self, delivery_tag: str | None) -> concurrent.futures.Future[None] | None:
+        """For a job ``begin`` started: resolved once its backend request is out or it has
+        ended (it may never reach the backend). None for any other delivery."""
+        begun = self._begun.get(delivery_tag) if delivery_tag else None
+        return begun.under_way if begun else None
 
     def run(
         self, job_id: str, spec: dict[str, Any], delivery_tag: str | None, redelivered: bool
@@ -151,29 +174,39 @@ class Executor:
         """Run one job to its end, or wait for the one ``begin`` started; called from a
         Celery pool thread. Returns a summary."""
         begun = self._begun.pop(delivery_tag, None) if delivery_tag else None
-        if begun is None:
-            begun = self._submit(job_id, spec, delivery_tag, redelivered)
-        return begun.result()
+        run = begun.run if begun else self._submit(job_id, spec, delivery_tag, redelivered)
+        return run.result()
 
     def _submit(
-        self, job_id: str, spec: dict[str, Any], delivery_tag: str | None, redelivered: bool
+        self,
+        job_id: str,
+        spec: dict[str, Any],
+        delivery_tag: str | None,
+        redelivered: bool,
+        under_way: concurrent.futures.Future[None] | None = None,
     ) -> concurrent.futures.Future[dict[str, Any]]:
-        coroutine = self._run(job_id, spec, delivery_tag, redelivered)
+        coroutine = self._run(job_id, spec, delivery_tag, redelivered, under_way)
         return asyncio.run_coroutine_threadsafe(coroutine, self.start())
 
     # --- one job --------------------------------------------------------------------
     async def _run(
-        self, job_id: str, spec: dict[str, Any], delivery_tag: str | None, redelivered: bool
+        self,
+        job_id: str,
+        spec: dict[str, Any],
+        delivery_tag: str | None,
+        redelivered: bool,
+        under_way: concurrent.futures.Future[None] | None,
     ) -> dict[str, Any]:
         # Listed from delivery to recorded end, so the control loop renews the delivery's
         # lease even while a step waits out a Redis outage: no other worker is handed it.
-        job = RunningJob(job_id, delivery_tag)
+        job = RunningJob(job_id, delivery_tag, under_way)
         job.watched = self._watch_hints.pop(job_id, None) is not None
         self.running[job_id] = job
         try:
             return await self._run_listed(job, spec, redelivered)
         finally:
             del self.running[job_id]
+            job.mark_under_way()
 
     async def _run_listed(
         self, job: RunningJob, spec: dict[str, Any], redelivered: bool
@@ -259,6 +292,8 @@ class Executor:
                 try:
                     async with self.semaphore.slot(runtime_name, acquiring):
                         acquiring = None
+                        # Once this step has sent the request, not while it does.
+                        asyncio.get_running_loop().call_soon(job.mark_under_way)
                         began = time.perf_counter()
                         completion = await self._cancellable(runtime, request, job)
                         return completion, time.perf_counter() - began
