@@ -116,11 +116,18 @@ waiting_add(KEYS[1])
 return 1
 """
 
-# ARGV: now, run_id, max_attempts, ttl, redelivered (0/1), spec field/value pairs...
+# KEYS: job hash, its events channel, kombu's unacked index and hash.
+# ARGV: now, run_id, max_attempts, ttl, redelivered (0/1), delivery tag, unacked entry (both
+# '' when the transport recorded the delivery itself), spec field/value pairs...
 # Returns {outcome, attempts}; outcome is 'running', 'poison', 'duplicate' (a second message
-# for a job already running, not a redelivery) or the terminal status found.
+# for a job already running, not a redelivery) or the terminal status found. The delivery is
+# recorded whatever the outcome: its ack removes it.
 _START = _JOB_END + _BATCH_MOVE + _WAITING + """
-for i = 6, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[7] ~= '' then
+  redis.call('ZADD', KEYS[3], ARGV[1], ARGV[6])
+  redis.call('HSET', KEYS[4], ARGV[6], ARGV[7])
+end
+for i = 8, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
 waiting_done(KEYS[1])
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'queued' and status ~= 'running' then return {status, 0} end
@@ -232,14 +239,18 @@ class JobStore:
         max_attempts: int,
         spec: dict[str, Any],
         redelivered: bool,
+        delivery: tuple[str, str] | None = None,
     ) -> tuple[str, int]:
         """Mark the job running for ``run_id``; a redelivery takes over a running job whose
-        worker died, a plain duplicate message does not."""
+        worker died, a plain duplicate message does not. ``delivery``: (tag, unacked entry)
+        to record for the broker, when the transport left that to this script
+        (``core.redis_transport``)."""
+        tag, entry = delivery or ("", "")
         outcome, attempts = await self._start(
-            keys=[keys.job(job_id), keys.job_events(job_id)],
+            keys=[keys.job(job_id), keys.job_events(job_id), keys.UNACKED_INDEX, keys.UNACKED],
             args=[
                 time.time(), run_id, max_attempts, self.result_ttl_s, int(redelivered),
-                *_pairs(spec),
+                tag, entry, *_pairs(spec),
             ],
         )
         return _str(outcome), int(attempts)

@@ -72,8 +72,10 @@ def orphan_lock(queue: str) -> str:
     """Held by the worker sweeping a queue for orphans, so one sweeps it at a time."""
     return f"{PREFIX}:orphans:lock:{queue}"
 
-# kombu's Redis transport keeps each delivered-but-unacked message here, scored by
-# delivery time; workers re-score their running jobs to renew the lease.
+# kombu's Redis transport keeps each delivered-but-unacked message in this hash (by delivery
+# tag) and its tag in this index, scored by delivery time; workers write both for their jobs
+# (core.redis_transport) and re-score their running jobs to renew the lease.
+UNACKED = "unacked"
 UNACKED_INDEX = "unacked_index"
 
 # kombu's Redis transport puts priority n (1..9) of a queue in "<queue>\x06\x16<n>" and

@@ -2,13 +2,15 @@
 
 A job is begun as Celery's consumer receives its message (``workers.tasks``), before a pool
 thread picks it up; the pool thread's ``run`` then waits for that run instead of starting
-a second one.
+a second one. A delivery the transport left unrecorded is recorded by the job's start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 import redis
@@ -16,8 +18,8 @@ import redis.asyncio as aioredis
 
 from api.schemas import JobCreate
 from api.submission import build_record
-from core import keys
-from core.broker import task_message
+from core import keys, redis_transport
+from core.broker import RUN_JOB, task_message
 from core.jobs import JobStore
 from core.settings import Settings
 from tests.cluster import wait_until
@@ -65,3 +67,21 @@ def test_job_not_begun_runs_in_its_pool_thread(settings: Settings) -> None:
     record = queued_job(settings, "job-plain")
     summary = Executor(settings).run("job-plain", record, "delivery-2", redelivered=False)
     assert summary == {"job_id": "job-plain", "status": "succeeded", "attempts": 1}
+
+
+def test_start_records_the_delivery_the_transport_deferred(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record = queued_job(settings, "job-recorded")
+    monkeypatch.setattr(redis_transport.deferred, "tasks", frozenset({RUN_JOB}))
+    raw = {"body": "...", "properties": {"delivery_tag": "delivery-r"}}
+    message = SimpleNamespace(
+        headers={"task": RUN_JOB}, delivery_info={"exchange": "", "routing_key": "gpu"}, _raw=raw
+    )
+    assert redis_transport.deferred.keep(message, "delivery-r")
+    Executor(settings).run("job-recorded", record, "delivery-r", redelivered=False)
+    client = redis.Redis.from_url(settings.redis_url)
+    assert json.loads(client.hget(keys.UNACKED, "delivery-r")) == [raw, "", "gpu"]
+    started_at = float(client.hget(keys.job("job-recorded"), "started_at"))
+    assert client.zscore(keys.UNACKED_INDEX, "delivery-r") == pytest.approx(started_at)
+    assert redis_transport.deferred.take("delivery-r") is None

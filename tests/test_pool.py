@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -53,7 +54,22 @@ def backend_slot_taken(settings: Settings) -> Iterator[redis.Redis]:
     client.close()
 
 
-def apply(pool: TaskPool, job_id: str, delivery_tag: str, calls: list[tuple]) -> object:
+def begin_and_apply(
+    settings: Settings, executor: Executor, job_id: str
+) -> tuple[TaskPool, list[tuple[float, str]], Any]:
+    """A queued job received as Celery's consumer receives it: begun on the executor's loop,
+    then handed to the pool. Returns the pool, the calls of the job's pool thread (when,
+    job id) and the pool's handle on it."""
+    record = queued_job(settings, job_id)
+    delivery_tag = f"delivery-{job_id}"
+    executor.begin(job_id, record, delivery_tag, redelivered=False)
+    pool = TaskPool(limit=2)
+    calls: list[tuple[float, str]] = []
+    applied = apply(pool, job_id, delivery_tag, calls)
+    return pool, calls, applied
+
+
+def apply(pool: TaskPool, job_id: str, delivery_tag: str, calls: list[tuple[float, str]]) -> Any:
     """What Celery's consumer does with a received task: hand it to the pool."""
     request = {"properties": {"delivery_tag": delivery_tag}}
     return pool.apply_async(
@@ -63,38 +79,30 @@ def apply(pool: TaskPool, job_id: str, delivery_tag: str, calls: list[tuple]) ->
     )
 
 
+def status(client: redis.Redis, job_id: str) -> bytes | None:
+    return client.hget(keys.job(job_id), "status")
+
+
 def test_pool_thread_of_a_begun_job_waits_until_the_request_is_out(
     settings: Settings, executor: Executor, backend_slot_taken: redis.Redis
 ) -> None:
-    record = queued_job(settings, "job-pooled")
-    executor.begin("job-pooled", record, "delivery-p1", redelivered=False)
-    pool = TaskPool(limit=2)
-    calls: list[tuple] = []
-    applied = apply(pool, "job-pooled", "delivery-p1", calls)
-    wait_until(
-        lambda: backend_slot_taken.hget(keys.job("job-pooled"), "status") == b"running",
-        10,
-        "job started",
-    )
+    pool, calls, applied = begin_and_apply(settings, executor, "job-pooled")
+    wait_until(lambda: status(backend_slot_taken, "job-pooled") == b"running", 10, "start")
     time.sleep(0.5)
     assert calls == []  # started, but still waiting for its backend slot
     freed = time.monotonic()
     backend_slot_taken.zrem(keys.inflight("vllm"), "someone-else")
-    applied.wait(10)  # type: ignore[attr-defined]
+    applied.wait(10)
     assert [job for _, job in calls] == ["job-pooled"]
     assert calls[0][0] >= freed
-    wait_until(
-        lambda: backend_slot_taken.hget(keys.job("job-pooled"), "status") == b"succeeded",
-        10,
-        "job succeeded",
-    )
+    wait_until(lambda: status(backend_slot_taken, "job-pooled") == b"succeeded", 10, "end")
     pool.on_stop()
 
 
 def test_other_deliveries_go_to_a_thread_at_once(executor: Executor) -> None:
     pool = TaskPool(limit=2)
-    calls: list[tuple] = []
-    apply(pool, "job-unknown", "delivery-never-begun", calls).wait(5)  # type: ignore[attr-defined]
+    calls: list[tuple[float, str]] = []
+    apply(pool, "job-unknown", "delivery-never-begun", calls).wait(5)
     assert [job for _, job in calls] == ["job-unknown"]
     pool.on_stop()
 
@@ -102,11 +110,7 @@ def test_other_deliveries_go_to_a_thread_at_once(executor: Executor) -> None:
 def test_warm_shutdown_hands_waiting_jobs_over(
     settings: Settings, executor: Executor, backend_slot_taken: redis.Redis
 ) -> None:
-    record = queued_job(settings, "job-stopping")
-    executor.begin("job-stopping", record, "delivery-p2", redelivered=False)
-    pool = TaskPool(limit=2)
-    calls: list[tuple] = []
-    apply(pool, "job-stopping", "delivery-p2", calls)
+    pool, calls, _ = begin_and_apply(settings, executor, "job-stopping")
     time.sleep(0.3)
     assert calls == []
     pool.on_stop()  # returns once the pool's threads are done

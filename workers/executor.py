@@ -34,7 +34,7 @@ import redis.exceptions
 import uvloop
 from redis.exceptions import RedisError
 
-from core import keys
+from core import keys, redis_transport
 from core.errors import BackendRejected, BackendUnavailable
 from core.jobs import JobStatus, JobStore
 from core.settings import Settings
@@ -73,6 +73,9 @@ class RunningJob:
     delivery_tag: str | None
     # Resolved once the backend request is out or the job has ended (workers.pool).
     under_way: concurrent.futures.Future[None] | None = None
+    # The broker's record of this delivery, for the start script to write
+    # (core.redis_transport); None when the transport wrote it.
+    unacked_entry: str | None = None
     cancel_requested: asyncio.Event = field(default_factory=asyncio.Event)
     watched: bool = False
     # Appended from any thread (the ONNX engine calls back from its own); list.append is atomic.
@@ -185,27 +188,22 @@ class Executor:
         redelivered: bool,
         under_way: concurrent.futures.Future[None] | None = None,
     ) -> concurrent.futures.Future[dict[str, Any]]:
-        coroutine = self._run(job_id, spec, delivery_tag, redelivered, under_way)
-        return asyncio.run_coroutine_threadsafe(coroutine, self.start())
+        entry = redis_transport.deferred.take(delivery_tag)
+        job = RunningJob(job_id, delivery_tag, under_way, entry)
+        return asyncio.run_coroutine_threadsafe(self._run(job, spec, redelivered), self.start())
 
     # --- one job --------------------------------------------------------------------
     async def _run(
-        self,
-        job_id: str,
-        spec: dict[str, Any],
-        delivery_tag: str | None,
-        redelivered: bool,
-        under_way: concurrent.futures.Future[None] | None,
+        self, job: RunningJob, spec: dict[str, Any], redelivered: bool
     ) -> dict[str, Any]:
         # Listed from delivery to recorded end, so the control loop renews the delivery's
         # lease even while a step waits out a Redis outage: no other worker is handed it.
-        job = RunningJob(job_id, delivery_tag, under_way)
-        job.watched = self._watch_hints.pop(job_id, None) is not None
-        self.running[job_id] = job
+        job.watched = self._watch_hints.pop(job.job_id, None) is not None
+        self.running[job.job_id] = job
         try:
             return await self._run_listed(job, spec, redelivered)
         finally:
-            del self.running[job_id]
+            del self.running[job.job_id]
             job.mark_under_way()
 
     async def _run_listed(
@@ -216,10 +214,11 @@ class Executor:
         request = GenerationRequest(**spec["request"])
         # Ask for a backend slot while the start is recorded: the two round trips overlap.
         slot = asyncio.ensure_future(self.semaphore.acquire(runtime_name))
+        delivery = (job.delivery_tag, job.unacked_entry) if job.unacked_entry else None
         try:
             outcome, attempts = await _until_redis_answers(
                 lambda: self.store.start(
-                    job_id, run_id, self.settings.max_attempts, spec, redelivered
+                    job_id, run_id, self.settings.max_attempts, spec, redelivered, delivery
                 ),
                 f"job {job_id}: start",
             )

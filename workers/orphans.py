@@ -1,9 +1,9 @@
 """Finds queued jobs whose message was lost on its way to a worker, and publishes it again.
 
 kombu's Redis transport takes a message with BRPOP, which removes it from the queue at
-once, and records the delivery (``unacked``, what redelivery restores from) in a second
-round trip. A worker killed in between loses the message: no queue holds it, no lease
-covers it, and its job would stay ``queued`` forever.
+once; the delivery (``unacked``, what redelivery restores from) is recorded later, by the
+script that starts the job (``core.redis_transport``). A worker killed in between loses the
+message: no queue holds it, no lease covers it, and its job would stay ``queued`` forever.
 
 Each queued job is listed in its queue's waiting set (``keys.waiting``, kept by the job
 scripts in ``core.jobs``) until a worker starts it. Every sweep (one worker at a time)
@@ -96,7 +96,7 @@ class OrphanSweeper:
                 missing.append(job_id)  # consumers went past it: not in its list
         if not missing:
             return []
-        delivered = {_message_id(v) for v in await self.redis.hvals("unacked")}
+        delivered = {_message_id(v) for v in await self.redis.hvals(keys.UNACKED)}
         missing = [j for j in missing if j not in delivered]
         return await self._confirm(missing, now)
 

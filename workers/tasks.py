@@ -7,11 +7,14 @@ from typing import Any
 from celery.exceptions import Reject
 from celery.signals import task_received
 
+from core import redis_transport
 from core.broker import RUN_JOB, app
 from core.settings import settings
 from workers.executor import REDIS_UNAVAILABLE, Executor
 
 executor = Executor(settings)
+# The executor's start script records these deliveries for the broker (core.redis_transport).
+redis_transport.deferred.tasks = frozenset({RUN_JOB})
 
 
 @task_received.connect
