@@ -31,7 +31,7 @@ from core import keys
 from core.errors import CallbackRefused
 from core.settings import Settings
 from core.webhooks import DeliveryQueue, check_callback_url, permitted
-from tests.cluster import RedisServer
+from tests.cluster import RedisServer, free_port
 from tests.conftest import WEBHOOK_SECRET, Stack
 from tests.standins.server_thread import ServerThread
 from workers.webhooks import WebhookSender
@@ -302,3 +302,22 @@ def test_claims_are_exclusive_and_expire(private_redis: str) -> None:
         await redis.aclose()
 
     asyncio.run(scenario())
+
+
+def test_sender_logs_one_line_while_redis_is_unreachable(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = aioredis.from_url(f"redis://127.0.0.1:{free_port()}")  # nothing listens there
+    sender = WebhookSender(client, Settings(webhook_poll_interval_s=0.05))
+
+    async def run_a_while() -> None:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await sender.run_forever()
+        await client.aclose()
+
+    with caplog.at_level("WARNING", logger="reasonq.webhooks"):
+        asyncio.run(run_a_while())
+    records = [r for r in caplog.records if r.name == "reasonq.webhooks"]
+    assert records, "the sender said nothing about Redis"
+    assert all("Redis unavailable" in r.getMessage() and not r.exc_info for r in records)

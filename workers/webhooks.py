@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from core.errors import CallbackRefused
 from core.settings import Settings
@@ -64,7 +65,10 @@ class WebhookSender:
             await asyncio.sleep(self.settings.webhook_poll_interval_s)
             try:
                 await self.run_once()
-            except Exception:  # Redis blips must not kill the loop
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                # Redis restarting: a line per try, not a traceback twice a second.
+                log.warning("webhook sender: Redis unavailable (%s)", exc)
+            except Exception:  # nothing must kill the loop
                 log.exception("webhook sender")
 
     async def run_once(self) -> None:
