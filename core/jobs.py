@@ -155,9 +155,14 @@ return {'running', attempts}
 """
 
 # ARGV: run_id, status, now, ttl, field/value pairs to store (result or error)...
+# Returns 1 when this run's end is recorded (now, or by an earlier try whose reply was lost),
+# 0 when another run superseded it.
 _FINISH = _JOB_END + _BATCH_MOVE + """
 if redis.call('HGET', KEYS[1], 'run_id') ~= ARGV[1] then return 0 end
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+local status = redis.call('HGET', KEYS[1], 'status')
+-- This run ended already: a retry after the reply was lost (Redis restarted).
+if status == ARGV[2] then return 1 end
+if status ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3])
 job_end(KEYS[1], ARGV[2])
 for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
@@ -258,6 +263,8 @@ class JobStore:
     async def finish(
         self, job_id: str, run_id: str, status: JobStatus, fields: dict[str, Any]
     ) -> bool:
+        """Record the end of ``run_id``; False when another run superseded it. Safe to
+        retry: a retry of a recorded end returns True again, so its webhook is queued."""
         done = await self._finish(
             keys=[keys.job(job_id), keys.job_events(job_id)],
             args=[run_id, status.value, time.time(), self.result_ttl_s, *_pairs(fields)],

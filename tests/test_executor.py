@@ -20,7 +20,7 @@ from api.schemas import JobCreate
 from api.submission import build_record
 from core import keys, redis_transport
 from core.broker import RUN_JOB, task_message
-from core.jobs import JobStore
+from core.jobs import JobStatus, JobStore
 from core.settings import Settings
 from tests.cluster import wait_until
 from tests.standins.openai_server import OpenAIConfig, OpenAIStandIn
@@ -85,3 +85,22 @@ def test_start_records_the_delivery_the_transport_deferred(
     started_at = float(client.hget(keys.job("job-recorded"), "started_at"))
     assert client.zscore(keys.UNACKED_INDEX, "delivery-r") == pytest.approx(started_at)
     assert redis_transport.deferred.take("delivery-r") is None
+
+
+def test_finish_retried_after_a_lost_reply_still_counts(settings: Settings) -> None:
+    """Redis may record a job's end and die before replying: the worker's retry must read
+    as recorded (so the job's webhook is queued), and another run's end as superseded."""
+    record = queued_job(settings, "job-finish-retry")
+
+    async def scenario() -> tuple[bool, bool, bool]:
+        client = aioredis.from_url(settings.redis_url)
+        store = JobStore(client, settings.result_ttl_s)
+        await store.start("job-finish-retry", "run-1", 3, record, redelivered=False)
+        result = {"result": {"text": "done"}}
+        first = await store.finish("job-finish-retry", "run-1", JobStatus.SUCCEEDED, result)
+        retry = await store.finish("job-finish-retry", "run-1", JobStatus.SUCCEEDED, result)
+        other = await store.finish("job-finish-retry", "run-2", JobStatus.FAILED, {})
+        await client.aclose()
+        return first, retry, other
+
+    assert asyncio.run(scenario()) == (True, True, False)
