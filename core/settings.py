@@ -30,8 +30,9 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(
         5.0,
         gt=0,
-        description="Seconds the API waits on one Redis command before answering 503: a hung "
-        "Redis never hangs a request.",
+        description="Seconds the API or a worker waits on one Redis command: the API then "
+        "answers 503, a worker retries on a new connection. A hung Redis never hangs a request, "
+        "and a connection that died without a word never hangs a job.",
     )
 
     # --- routing -----------------------------------------------------------------------

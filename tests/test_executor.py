@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 
@@ -23,8 +24,10 @@ from core.broker import RUN_JOB, task_message
 from core.jobs import JobStatus, JobStore
 from core.settings import Settings
 from tests.cluster import wait_until
+from tests.silencing_proxy import SilencingProxy
 from tests.standins.openai_server import OpenAIConfig, OpenAIStandIn
 from tests.standins.server_thread import ServerThread
+from workers import executor as executor_module
 from workers.executor import Executor
 
 
@@ -35,9 +38,9 @@ def settings(redis_url: str) -> Iterator[Settings]:
         yield Settings(redis_url=redis_url, vllm_url=vllm.url, runtime_queues={"vllm": "gpu"})
 
 
-def queued_job(settings: Settings, job_id: str) -> dict:
+def queued_job(settings: Settings, job_id: str, prompt: str = "echo: one two three") -> dict:
     """A job stored and queued as the API does; returns its record (the task's ``spec``)."""
-    job = JobCreate(prompt="echo: one two three", runtime="vllm")
+    job = JobCreate(prompt=prompt, runtime="vllm")
     record = build_record(job, job_id, settings, "anonymous")
 
     async def create() -> None:
@@ -104,3 +107,66 @@ def test_finish_retried_after_a_lost_reply_still_counts(settings: Settings) -> N
         return first, retry, other
 
     assert asyncio.run(scenario()) == (True, True, False)
+
+
+LONG_PROMPT = "Reason step by step."  # not an echo: the stand-in answers output_len tokens
+SHORT_PROMPT = "echo: " + " ".join(["word"] * 20)  # the stand-in echoes 20 tokens (2 s)
+
+
+@pytest.fixture
+def silenced(redis_url: str) -> Iterator[tuple[Settings, SilencingProxy]]:
+    """Settings reaching Redis through a proxy that can silence its connections, and a
+    vLLM stand-in slow enough (about 10 s a job) to silence them while a job runs."""
+    proxy = SilencingProxy(redis_url).start()
+    config = OpenAIConfig(step_base_s=0.1, step_per_seq_s=0, output_len="100")
+    with ServerThread(OpenAIStandIn(config).app) as vllm:
+        yield (
+            Settings(
+                redis_url=proxy.url,
+                vllm_url=vllm.url,
+                runtime_queues={"vllm": "gpu"},
+                redis_timeout_s=0.5,
+                control_poll_s=60.0,  # only the pub/sub nudge can cancel in time
+            ),
+            proxy,
+        )
+
+
+def test_job_outlives_its_redis_connections_dying_silently(
+    redis_url: str, silenced: tuple[Settings, SilencingProxy]
+) -> None:
+    settings, proxy = silenced
+    record = queued_job(settings, "job-silenced", SHORT_PROMPT)
+    Executor(settings).begin("job-silenced", record, "delivery-s", redelivered=False)
+    client = redis.Redis.from_url(redis_url)  # direct, never silenced
+    wait_until(lambda: client.hget(keys.job("job-silenced"), "status") == b"running", 10, "start")
+    proxy.partition()  # every connection the worker holds or opens goes silent
+    time.sleep(3)  # the job ends meanwhile (2 s); recording its end hangs on a silent one
+    assert client.hget(keys.job("job-silenced"), "status") == b"running"
+    proxy.heal()  # for new connections only: the silent ones stay silent
+    healed = time.time()
+    # The end's write times out after redis_timeout_s and is retried on a new connection
+    # (redis-py's own default timeout, 5 s, would take longer; older versions have none).
+    wait_until(lambda: client.hget(keys.job("job-silenced"), "status") == b"succeeded", 10, "end")
+    assert float(client.hget(keys.job("job-silenced"), "finished_at")) - healed < 2.5
+
+
+def test_cancel_nudges_reach_a_worker_whose_pubsub_died_silently(
+    redis_url: str, silenced: tuple[Settings, SilencingProxy], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(executor_module, "CONTROL_PING_S", 0.5)
+    settings, proxy = silenced
+    record = queued_job(settings, "job-nudged", LONG_PROMPT)
+    Executor(settings).begin("job-nudged", record, "delivery-n", redelivered=False)
+    client = redis.Redis.from_url(redis_url)
+    wait_until(lambda: client.hget(keys.job("job-nudged"), "status") == b"running", 10, "start")
+    proxy.silence()
+    time.sleep(4)  # the listener pings, hears nothing, and subscribes on a new connection
+
+    async def cancel() -> None:
+        direct = aioredis.from_url(redis_url)
+        await JobStore(direct, settings.result_ttl_s).cancel("job-nudged")
+        await direct.aclose()
+
+    asyncio.run(cancel())
+    wait_until(lambda: client.hget(keys.job("job-nudged"), "status") == b"cancelled", 3, "cancel")

@@ -58,6 +58,9 @@ CANCEL_GRACE_S = 1.0
 REDIS_OUTAGE_S = 60.0
 # A watch nudge for a job not (yet) running here is remembered this long.
 WATCH_HINT_S = 10.0
+# The control channel silent this long is pinged; a ping unanswered as long again means the
+# connection died without a word (half-open TCP): subscribe again on a new one.
+CONTROL_PING_S = 10.0
 
 # Unreachable (restarting) or full (maxmemory): either way the write may succeed later.
 REDIS_UNAVAILABLE = (
@@ -128,9 +131,7 @@ class Executor:
     def _serve(self, ready: threading.Event) -> None:
         loop = uvloop.new_event_loop()  # a little less CPU per job (docs/performance.md)
         asyncio.set_event_loop(loop)
-        self.redis = aioredis.from_url(
-            self.settings.redis_url, max_connections=self.settings.worker_concurrency + 16
-        )
+        self.redis = self._redis_client(max_connections=self.settings.worker_concurrency + 16)
         self.store = JobStore(self.redis, self.settings.result_ttl_s)
         self.semaphore = BackendSemaphore(self.redis, self.settings.backend_max_inflight)
         self._loop = loop
@@ -369,19 +370,46 @@ class Executor:
             except Exception:  # Redis blips must not kill the loop
                 log.exception("control loop")
 
+    def _redis_client(self, max_connections: int) -> aioredis.Redis:
+        # A command unanswered for redis_timeout_s fails (and redis-py retries it on a new
+        # connection): a connection that died without a word never hangs a job.
+        return aioredis.from_url(
+            self.settings.redis_url,
+            max_connections=max_connections,
+            socket_timeout=self.settings.redis_timeout_s,
+            socket_connect_timeout=self.settings.redis_timeout_s,
+        )
+
     async def _control_listener(self) -> None:
         """Cancel and watch nudges from the API, so neither waits for the next poll."""
+        # A client of its own: subscribing again after a silent connection must not pick a
+        # connection of the shared pool, which may have died the same way.
+        client = self._redis_client(max_connections=1)
         while True:
             try:
-                async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(keys.CONTROL)
-                    async for message in pubsub.listen():
-                        self._nudge(json.loads(message["data"]))
+                    await self._listen(pubsub)
             except REDIS_UNAVAILABLE:
                 await asyncio.sleep(0.5)  # resubscribes once Redis is back
             except Exception:
                 log.exception("control listener")
                 await asyncio.sleep(0.5)
+
+    async def _listen(self, pubsub: aioredis.client.PubSub) -> None:
+        heard, pinged = time.monotonic(), False
+        while True:
+            message = await pubsub.get_message(timeout=1.0)
+            now = time.monotonic()
+            if message is not None:
+                heard, pinged = now, False
+                if message["type"] == "message":
+                    self._nudge(json.loads(message["data"]))
+            elif now - heard > CONTROL_PING_S:
+                if pinged:
+                    raise redis.exceptions.TimeoutError("control channel: ping unanswered")
+                await pubsub.ping()
+                heard, pinged = now, True
 
     def _nudge(self, message: dict[str, str]) -> None:
         if job_id := message.get("cancel"):
