@@ -53,7 +53,11 @@ class SilencingProxy:
         self._partitioned = False
 
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        upstream_r, upstream_w = await asyncio.open_connection(*self._upstream)
+        try:
+            upstream_r, upstream_w = await asyncio.open_connection(*self._upstream)
+        except OSError:  # upstream gone (the test's redis-server stopped): refuse, as it would
+            client_w.close()
+            return
         generation = -1 if self._partitioned else self._generation
 
         async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
