@@ -20,6 +20,8 @@ Workers retry only ``BackendUnavailable`` (and so ``BackendBusy``); everything e
 
 from __future__ import annotations
 
+import redis.exceptions
+
 
 class ReasonqError(Exception):
     """Root of every reasonq error; ``code`` is the stable, machine-readable name."""
@@ -100,3 +102,13 @@ class BackendRejected(BackendError):
 
 class ContextTooLong(BackendRejected):
     code = "context_too_long"
+
+
+# Not ours: Redis unreachable (restarting, a connection that went silent) or full
+# (maxmemory). Either way a write may succeed later, so workers retry or wait instead of
+# failing the job, and log a line rather than a traceback.
+REDIS_UNAVAILABLE = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.OutOfMemoryError,
+)

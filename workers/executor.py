@@ -35,7 +35,7 @@ import uvloop
 from redis.exceptions import RedisError
 
 from core import keys, redis_transport
-from core.errors import BackendRejected, BackendUnavailable
+from core.errors import REDIS_UNAVAILABLE, BackendRejected, BackendUnavailable
 from core.jobs import JobStatus, JobStore
 from core.settings import Settings
 from runtimes.base import Completion, GenerationRequest, Runtime
@@ -61,13 +61,6 @@ WATCH_HINT_S = 10.0
 # The control channel silent this long is pinged; a ping unanswered as long again means the
 # connection died without a word (half-open TCP): subscribe again on a new one.
 CONTROL_PING_S = 10.0
-
-# Unreachable (restarting) or full (maxmemory): either way the write may succeed later.
-REDIS_UNAVAILABLE = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    redis.exceptions.OutOfMemoryError,
-)
 
 
 @dataclass

@@ -9,8 +9,9 @@ from celery.signals import task_received
 
 from core import redis_transport
 from core.broker import RUN_JOB, app
+from core.errors import REDIS_UNAVAILABLE
 from core.settings import settings
-from workers.executor import REDIS_UNAVAILABLE, Executor
+from workers.executor import Executor
 
 executor = Executor(settings)
 # The executor's start script records these deliveries for the broker (core.redis_transport).

@@ -17,9 +17,8 @@ from typing import Any
 
 import httpx
 import redis.asyncio as aioredis
-import redis.exceptions
 
-from core.errors import CallbackRefused
+from core.errors import REDIS_UNAVAILABLE, CallbackRefused
 from core.settings import Settings
 from core.webhooks import (
     BatchSummaries,
@@ -65,8 +64,7 @@ class WebhookSender:
             await asyncio.sleep(self.settings.webhook_poll_interval_s)
             try:
                 await self.run_once()
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                # Redis restarting: a line per try, not a traceback twice a second.
+            except REDIS_UNAVAILABLE as exc:  # a line per try, not a traceback twice a second
                 log.warning("webhook sender: Redis unavailable (%s)", exc)
             except Exception:  # nothing must kill the loop
                 log.exception("webhook sender")
