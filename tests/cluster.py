@@ -161,3 +161,21 @@ def start_api(env: dict[str, str], log_dir: Path, port: int | None = None) -> tu
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: httpx.get(f"{url}/healthz").status_code == 200, 30, "the API")
     return api, url
+
+
+def start_flower(env: dict[str, str], log_dir: Path) -> tuple[Service, str]:
+    """A real ``celery flower`` process, its API open as ``make run`` has it."""
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "celery", "-A", "workers.celery_app", "flower",
+        f"--port={port}", "--address=127.0.0.1",
+    ]  # fmt: skip
+    flower = Service(f"flower-{port}", argv, {**env, "FLOWER_UNAUTHENTICATED_API": "true"}, log_dir)
+    flower.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: httpx.get(f"{url}/healthcheck").status_code == 200, 30, "Flower")
+    except BaseException:
+        flower.stop()
+        raise
+    return flower, url

@@ -1,4 +1,5 @@
-"""Cancel and priority, on a worker with a single slot so jobs really wait in the queue."""
+"""Cancel and priority, on a worker with a single slot so jobs really wait in the queue;
+also cancelling through Flower (Revoke, Terminate), which goes by Celery's revoke."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.cluster import Service, service_env, start_api, start_worker
+from tests.cluster import Service, service_env, start_api, start_flower, start_worker, wait_until
 from tests.conftest import Stack, wait_for_job
 from tests.standins.server_thread import StandInProcess
 
@@ -97,3 +98,53 @@ def test_higher_priority_runs_first(solo: Solo) -> None:
         jobs = {j: wait_for_job(client, j) for j in low + high}
     order = sorted(jobs, key=lambda j: jobs[j]["started_at"])
     assert set(order[:3]) == set(high), [jobs[j]["priority"] for j in order]
+
+
+@pytest.fixture(scope="module")
+def flower(stack: Stack) -> Iterator[str]:
+    service, url = start_flower(service_env(stack.redis.url), stack.log_dir)
+    yield url
+    service.stop()
+
+
+def flower_revoke(flower: str, job_id: str, terminate: bool) -> None:
+    response = httpx.post(
+        f"{flower}/api/task/revoke/{job_id}", data={"terminate": str(terminate).lower()}
+    )
+    assert response.status_code == 200, response.text
+
+
+def flower_state(flower: str, job_id: str) -> str | None:
+    return httpx.get(f"{flower}/api/task/info/{job_id}", timeout=10).json().get("state")
+
+
+def test_flower_revoke_cancels_a_queued_job(solo: Solo, flower: str) -> None:
+    # Celery drops a revoked message unrun; the job must not stay `queued` for good.
+    blocker = solo.submit(prompt="blocker three", max_tokens=2000)
+    wait_running(solo, blocker)
+    queued = solo.submit(prompt="revoked before it ran")
+    flower_revoke(flower, queued, terminate=False)
+    with solo.client() as client:
+        assert client.delete(f"/v1/jobs/{blocker}").json()["status"] == "cancelled"
+        job = wait_for_job(client, queued, timeout=10)
+    assert job["status"] == "cancelled" and job["started_at"] is None, job
+    assert not any("revoked before it ran" in str(r["body"]) for r in solo.backend_log())
+    wait_until(lambda: flower_state(flower, queued) == "REVOKED", 10, "Flower: REVOKED")
+
+
+def test_flower_terminate_stops_a_running_job(solo: Solo, flower: str) -> None:
+    job_id = solo.submit(prompt="terminate me", max_tokens=2000)  # ~20 s unless stopped
+    wait_running(solo, job_id)
+    began = time.monotonic()
+    flower_revoke(flower, job_id, terminate=True)
+    with solo.client() as client:
+        job = wait_for_job(client, job_id, timeout=10)
+        took = time.monotonic() - began
+        assert job["status"] == "cancelled", job
+        assert job["result"]["finish_reason"] == "cancelled"
+        assert took < 3, f"terminate took {took:.1f} s"
+        # The worker lives on: its one slot runs the next job.
+        after = solo.submit(prompt="after the terminate", max_tokens=4)
+        assert wait_for_job(client, after)["status"] == "succeeded"
+    record = next(r for r in solo.backend_log() if "terminate me" in str(r["body"]))
+    assert record["client_closed"] is True

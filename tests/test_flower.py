@@ -6,33 +6,22 @@ from __future__ import annotations
 
 import ast
 import socket
-import sys
 import uuid
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.cluster import Service, free_port, service_env, wait_until
+from tests.cluster import service_env, start_flower, wait_until
 from tests.conftest import ROUTING, Stack, wait_for_job
 
 
 @pytest.fixture(scope="module")
 def flower(stack: Stack) -> Iterator[str]:
-    port = free_port()
-    env = service_env(stack.redis.url, runtime_queues=ROUTING)
-    env["FLOWER_UNAUTHENTICATED_API"] = "true"  # as `make run` does; compose sets basic auth
-    argv = [
-        sys.executable, "-m", "celery", "-A", "workers.celery_app", "flower",
-        f"--port={port}", "--address=127.0.0.1",
-    ]  # fmt: skip
-    service = Service(f"flower-{port}", argv, env, stack.log_dir).start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: httpx.get(f"{url}/healthcheck").status_code == 200, 30, "Flower")
-        yield url
-    finally:
-        service.stop()
+    # The API open, as `make run` has it; compose sets basic auth.
+    service, url = start_flower(service_env(stack.redis.url, runtime_queues=ROUTING), stack.log_dir)
+    yield url
+    service.stop()
 
 
 def test_flower_lists_workers_and_redacted_tasks(flower: str, stack: Stack) -> None:

@@ -186,6 +186,22 @@ class Executor:
         job = RunningJob(job_id, delivery_tag, under_way, entry)
         return asyncio.run_coroutine_threadsafe(self._run(job, spec, redelivered), self.start())
 
+    def revoke(self, job_id: str) -> None:
+        """Celery revoked the job's task (Flower's Revoke or Terminate, ``celery control
+        revoke``): cancel the job as ``DELETE /v1/jobs/{id}`` does. Celery drops a revoked
+        message unrun, which alone would leave its job ``queued`` for good."""
+        asyncio.run_coroutine_threadsafe(self._revoke(job_id), self.start())
+
+    async def _revoke(self, job_id: str) -> None:
+        if job := self.running.get(job_id):
+            job.cancel_requested.set()  # it ends ``cancelled`` and queues its webhook itself
+        status = await _until_redis_answers(
+            lambda: self.store.cancel(job_id), f"job {job_id}: revoke"
+        )
+        log.info("job %s revoked in Celery: %s", job_id, status or "unknown job")
+        if status == JobStatus.CANCELLED:
+            await self.webhooks.queue_job_delivery(job_id)
+
     # --- one job --------------------------------------------------------------------
     async def _run(
         self, job: RunningJob, spec: dict[str, Any], redelivered: bool

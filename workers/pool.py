@@ -58,6 +58,11 @@ class TaskPool(thread.TaskPool):
         under_way.add_done_callback(lambda _: hand_over())
         return thread.ApplyResult(applied)
 
+    def terminate_job(self, pid: int | None, signal: int | None = None) -> None:
+        """Terminate (Flower, ``revoke(terminate=True)``) cancels the job instead: Celery
+        then announces the revoke, whose handler (``workers.tasks``) asks the job to stop.
+        Threads cannot be signalled, so the stock pool refuses."""
+
     def on_stop(self) -> None:
         # A warm shutdown waits for the pool's threads: hand every waiting job over first.
         with self._lock:

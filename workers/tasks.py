@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery.exceptions import Reject
-from celery.signals import task_received
+from celery.signals import task_received, task_revoked
 
 from core import redis_transport
 from core.broker import RUN_JOB, app
@@ -26,6 +26,14 @@ def _begin(request: Any, **_: object) -> None:
     if request.name == RUN_JOB and delivery_tag:
         job_id, spec = request.args
         executor.begin(job_id, spec, delivery_tag, bool(request.delivery_info["redelivered"]))
+
+
+@task_revoked.connect
+def _revoked(sender: Any, request: Any, **_: object) -> None:
+    """A revoked job is cancelled: its message dropped unrun (Revoke), or the run stopped
+    at its next token (Terminate; ``workers.pool`` signals no thread)."""
+    if getattr(sender, "name", None) == RUN_JOB:
+        executor.revoke(request.id)
 
 
 @app.task(name=RUN_JOB, bind=True)

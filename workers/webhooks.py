@@ -52,8 +52,11 @@ class WebhookSender:
 
     async def job_ended(self, job_id: str, spec: dict[str, Any]) -> None:
         """Queue the delivery of an ended job that has a callback (idempotent)."""
-        if not spec.get("callback_url"):
-            return
+        if spec.get("callback_url"):
+            await self.queue_job_delivery(job_id)
+
+    async def queue_job_delivery(self, job_id: str) -> None:
+        """``job_ended`` for a job whose record is not at hand (a no-op without callback)."""
         try:
             await enqueue_job(self.redis, job_id, self.settings, time.time())
         except Exception:  # the job itself is done; never fail it over its webhook
