@@ -6,6 +6,8 @@ import json
 from datetime import datetime
 from typing import Any, Literal
 
+from jsonschema import Draft202012Validator, SchemaError
+from jsonschema.validators import validator_for
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
 from core.settings import settings
@@ -35,9 +37,15 @@ class JsonSchema(BaseModel):
 
     @field_validator("schema_")
     @classmethod
-    def _schema_size(cls, value: dict[str, Any]) -> dict[str, Any]:
+    def _valid_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # Checked here, so a malformed schema is a 422 now, not a job failed by the backend.
         if len(json.dumps(value)) > MAX_SCHEMA_BYTES:
             raise ValueError(f"the schema must be at most {MAX_SCHEMA_BYTES} bytes as JSON")
+        try:
+            validator_for(value, default=Draft202012Validator).check_schema(value)
+        except SchemaError as exc:
+            where = "/".join(map(str, exc.absolute_path)) or "its root"
+            raise ValueError(f"not a valid JSON Schema: {exc.message} (at {where})") from None
         return value
 
 

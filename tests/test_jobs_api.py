@@ -140,6 +140,10 @@ def test_unknown_job_is_404(stack: Stack) -> None:
         ({"prompt": "x", "response_format": {"type": "json_schema"}}, "response_format"),
         ({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {
             "name": "a b", "schema": {}}}}, "name"),
+        ({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {
+            "name": "n", "schema": {"type": "objekt"}}}}, "schema"),
+        ({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {
+            "name": "n", "schema": {"properties": {"a": {"minimum": "x"}}}}}}, "schema"),
     ],
 )
 def test_validation_errors_name_the_field(stack: Stack, body: dict, field: str) -> None:
@@ -149,6 +153,18 @@ def test_validation_errors_name_the_field(stack: Stack, body: dict, field: str) 
     errors = response.json()["detail"]
     assert any(field in map(str, e["loc"]) for e in errors), errors
     assert all(e["msg"] for e in errors)
+
+
+def test_invalid_schema_error_says_where(stack: Stack) -> None:
+    schema = {"type": "object", "properties": {"answer": {"type": "number", "minimum": "0"}}}
+    body = {"prompt": "x", "response_format": {
+        "type": "json_schema", "json_schema": {"name": "n", "schema": schema}}}  # fmt: skip
+    with stack.client() as client:
+        response = client.post("/v1/jobs", json=body)
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert "not a valid JSON Schema" in error["msg"]
+    assert "properties/answer/minimum" in error["msg"], error
 
 
 def test_nan_temperature_is_rejected(stack: Stack) -> None:
