@@ -10,7 +10,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import redis.asyncio as aioredis
 import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,6 +20,7 @@ from api.body_limit import BodyLimitMiddleware
 from api.events import EventHub
 from api.metrics import MetricsMiddleware
 from api.routes import batches, events, health, jobs, metrics, openai_batches
+from core.connections import redis_client
 from core.errors import (
     CallbackRefused,
     IdempotencyConflict,
@@ -49,9 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
-        app.state.redis = aioredis.from_url(
-            settings.redis_url, max_connections=512, socket_timeout=settings.redis_timeout_s
-        )
+        app.state.redis = redis_client(settings, max_connections=512)
         app.state.store = JobStore(app.state.redis, settings.result_ttl_s)
         app.state.hub = EventHub(app.state.redis)
         await app.state.hub.start()

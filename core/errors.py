@@ -104,11 +104,13 @@ class ContextTooLong(BackendRejected):
     code = "context_too_long"
 
 
-# Not ours: Redis unreachable (restarting, a connection that went silent) or full
-# (maxmemory). Either way a write may succeed later, so workers retry or wait instead of
-# failing the job, and log a line rather than a traceback.
+# Not ours: Redis unreachable (restarting, a connection that went silent), full
+# (maxmemory) or read-only (a primary demoted by a failover, until the URL reaches the new
+# one). Either way a write may succeed later, so workers retry or wait instead of failing
+# the job, and log a line rather than a traceback.
 REDIS_UNAVAILABLE = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
 )

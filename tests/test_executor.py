@@ -26,7 +26,7 @@ from core.settings import Settings
 from tests.cluster import wait_until
 from tests.silencing_proxy import SilencingProxy
 from tests.standins.openai_server import OpenAIConfig, OpenAIStandIn
-from tests.standins.server_thread import ServerThread
+from tests.standins.server_thread import ServerThread, free_port
 from workers import executor as executor_module
 from workers.executor import Executor
 
@@ -170,3 +170,25 @@ def test_cancel_nudges_reach_a_worker_whose_pubsub_died_silently(
 
     asyncio.run(cancel())
     wait_until(lambda: client.hget(keys.job("job-nudged"), "status") == b"cancelled", 3, "cancel")
+
+
+def test_job_outlives_a_failover_that_demotes_its_redis(
+    redis_url: str, silenced: tuple[Settings, SilencingProxy]
+) -> None:
+    # The server the worker holds connections to turns replica (of a primary that isn't up,
+    # so it keeps its data) while a job runs: every write answers READONLY until it is
+    # promoted again, as after a failover whose new primary the URL then names.
+    settings, _ = silenced
+    record = queued_job(settings, "job-demoted", SHORT_PROMPT)
+    Executor(settings).begin("job-demoted", record, "delivery-d", redelivered=False)
+    admin = redis.Redis.from_url(redis_url)
+    wait_until(lambda: admin.hget(keys.job("job-demoted"), "status") == b"running", 10, "start")
+    admin.replicaof("127.0.0.1", free_port())
+    try:
+        time.sleep(3)  # the job ends meanwhile (2 s); its end is refused
+        assert admin.hget(keys.job("job-demoted"), "status") == b"running"
+    finally:
+        admin.replicaof("NO", "ONE")
+    promoted = time.time()
+    wait_until(lambda: admin.hget(keys.job("job-demoted"), "status") == b"succeeded", 15, "end")
+    assert float(admin.hget(keys.job("job-demoted"), "finished_at")) - promoted < 5

@@ -35,6 +35,7 @@ import uvloop
 from redis.exceptions import RedisError
 
 from core import keys, redis_transport
+from core.connections import redis_client
 from core.errors import REDIS_UNAVAILABLE, BackendRejected, BackendUnavailable
 from core.jobs import JobStatus, JobStore
 from core.settings import Settings
@@ -124,7 +125,7 @@ class Executor:
     def _serve(self, ready: threading.Event) -> None:
         loop = uvloop.new_event_loop()  # a little less CPU per job (docs/performance.md)
         asyncio.set_event_loop(loop)
-        self.redis = self._redis_client(max_connections=self.settings.worker_concurrency + 16)
+        self.redis = redis_client(self.settings, max_connections=self.settings.worker_concurrency + 16)
         self.store = JobStore(self.redis, self.settings.result_ttl_s)
         self.semaphore = BackendSemaphore(self.redis, self.settings.backend_max_inflight)
         self._loop = loop
@@ -379,21 +380,11 @@ class Executor:
             except Exception:  # Redis blips must not kill the loop
                 log.exception("control loop")
 
-    def _redis_client(self, max_connections: int) -> aioredis.Redis:
-        # A command unanswered for redis_timeout_s fails (and redis-py retries it on a new
-        # connection): a connection that died without a word never hangs a job.
-        return aioredis.from_url(
-            self.settings.redis_url,
-            max_connections=max_connections,
-            socket_timeout=self.settings.redis_timeout_s,
-            socket_connect_timeout=self.settings.redis_timeout_s,
-        )
-
     async def _control_listener(self) -> None:
         """Cancel and watch nudges from the API, so neither waits for the next poll."""
         # A client of its own: subscribing again after a silent connection must not pick a
         # connection of the shared pool, which may have died the same way.
-        client = self._redis_client(max_connections=1)
+        client = redis_client(self.settings, max_connections=1)
         while True:
             try:
                 async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
