@@ -37,6 +37,7 @@ BLOCK = 1 << 20
 
 RUNTIMES = ("vllm", "ollama", "onnx")
 SAMPLING = ("temperature", "top_p", "top_k", "seed", "stop")
+PASSED = ("response_format", "tools", "tool_choice")  # validated by JobCreate
 IGNORED = frozenset({"user", "store", "metadata", "service_tier", "n", "stream"})
 """Body fields accepted and ignored (``n`` and ``stream`` only at their defaults)."""
 
@@ -108,6 +109,16 @@ class BadLine(ValueError):
     """A request line that is not a supported chat completion request."""
 
 
+def _message(message: dict[str, Any], index: int) -> dict[str, Any]:
+    """A request line's chat message as a job's (``developer`` is ``system`` here)."""
+    role = message.get("role")
+    out: dict[str, Any] = {"role": "system" if role == "developer" else role}
+    if message.get("content") is not None or not message.get("tool_calls"):
+        out["content"] = _text(message.get("content"), index)
+    out |= {k: message[k] for k in ("tool_calls", "tool_call_id") if message.get(k) is not None}
+    return out
+
+
 def _text(content: Any, index: int) -> str:
     if isinstance(content, str):
         return content
@@ -146,10 +157,7 @@ class OpenAIRows:
         body = line.get("body")
         if not isinstance(body, dict):
             raise BadLine("body: a JSON object is required")
-        known = {
-            "model", "messages", "max_tokens", "max_completion_tokens", "response_format",
-            *SAMPLING,
-        }  # fmt: skip
+        known = {"model", "messages", "max_tokens", "max_completion_tokens", *PASSED, *SAMPLING}
         unsupported = sorted(set(body) - known - IGNORED)
         if unsupported:
             raise BadLine(f"body: unsupported field(s) {', '.join(unsupported)}")
@@ -160,20 +168,13 @@ class OpenAIRows:
             raise BadLine("body.messages: a list is required")
         runtime, model = resolve_model(body.get("model"), self.settings)
         return JobCreate.model_validate({
-            "messages": [
-                {
-                    "role": "system" if m.get("role") == "developer" else m.get("role"),
-                    "content": _text(m.get("content"), i),
-                }
-                for i, m in enumerate(messages)
-                if isinstance(m, dict)
-            ] or None,
+            "messages": [_message(m, i) for i, m in enumerate(messages) if isinstance(m, dict)]
+            or None,
             "runtime": runtime,
             "model": model,
             "max_tokens": body.get("max_completion_tokens") or body.get("max_tokens"),
             "priority": self.settings.batch_priority,
-            "response_format": body.get("response_format"),
-            **{k: body[k] for k in SAMPLING if body.get(k) is not None},
+            **{k: body[k] for k in (*PASSED, *SAMPLING) if body.get(k) is not None},
         })
 
 
@@ -187,6 +188,7 @@ def output_line(row: dict[str, Any]) -> dict[str, Any]:
     result = row.get("result")
     if row["status"] == "succeeded" and result:
         usage = result["usage"]
+        calls = result.get("tool_calls")
         line["response"] = {
             "status_code": 200,
             "request_id": job_id,
@@ -197,9 +199,15 @@ def output_line(row: dict[str, Any]) -> dict[str, Any]:
                 "model": result["model"],
                 "choices": [{
                     "index": 0,
-                    "message": {"role": "assistant", "content": result["text"]},
+                    "message": {
+                        "role": "assistant",
+                        "content": None if calls and not result["text"] else result["text"],
+                        **({"tool_calls": calls} if calls else {}),
+                    },
                     "logprobs": None,
-                    "finish_reason": "length" if result["finish_reason"] == "length" else "stop",
+                    "finish_reason": result["finish_reason"]
+                    if result["finish_reason"] in ("length", "tool_calls")
+                    else "stop",
                 }],
                 "usage": {**usage, "total_tokens": sum(usage.values())},
             },

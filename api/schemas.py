@@ -19,11 +19,46 @@ JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 MAX_SCHEMA_BYTES = 32_768
 
 
-class ChatMessage(BaseModel):
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class CalledFunction(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=settings.max_prompt_chars)
+    name: str = Field(pattern=FUNCTION_NAME)
+    arguments: str = Field(max_length=settings.max_prompt_chars, description="JSON, as text.")
+
+
+class ToolCall(BaseModel):
+    """A call the model made, as OpenAI's ``message.tool_calls[]``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=128)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+class ChatMessage(BaseModel):
+    """A chat message, as OpenAI's: a ``tool`` message answers the assistant's tool call
+    ``tool_call_id``; an assistant message may carry ``tool_calls`` instead of content."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = Field(None, max_length=settings.max_prompt_chars)
+    tool_calls: list[ToolCall] | None = Field(None, min_length=1, max_length=64)
+    tool_call_id: str | None = Field(None, min_length=1, max_length=128)
+
+    @model_validator(mode="after")
+    def _fields_of_its_role(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only an assistant message has tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message needs tool_call_id, and only a tool message has one")
+        if self.content is None and self.tool_calls is None:
+            raise ValueError("content is required (an assistant message may give tool_calls)")
+        return self
 
 
 @functools.lru_cache(maxsize=256)
@@ -39,6 +74,17 @@ def schema_problem(schema_json: str) -> str | None:
     return None
 
 
+def checked_schema(value: dict[str, Any]) -> dict[str, Any]:
+    """``value`` if it is a valid JSON Schema of at most ``MAX_SCHEMA_BYTES``; checked on
+    submit, so a malformed schema is a 422 now, not a job the backend fails later."""
+    text = json.dumps(value, sort_keys=True)
+    if len(text) > MAX_SCHEMA_BYTES:
+        raise ValueError(f"the schema must be at most {MAX_SCHEMA_BYTES} bytes as JSON")
+    if problem := schema_problem(text):
+        raise ValueError(problem)
+    return value
+
+
 class JsonSchema(BaseModel):
     """OpenAI's ``response_format.json_schema``: the schema the output must match."""
 
@@ -52,13 +98,7 @@ class JsonSchema(BaseModel):
     @field_validator("schema_")
     @classmethod
     def _valid_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
-        # Checked here, so a malformed schema is a 422 now, not a job failed by the backend.
-        text = json.dumps(value, sort_keys=True)
-        if len(text) > MAX_SCHEMA_BYTES:
-            raise ValueError(f"the schema must be at most {MAX_SCHEMA_BYTES} bytes as JSON")
-        if problem := schema_problem(text):
-            raise ValueError(problem)
-        return value
+        return checked_schema(value)
 
 
 class ResponseFormat(BaseModel):
@@ -75,6 +115,42 @@ class ResponseFormat(BaseModel):
         if (self.type == "json_schema") != (self.json_schema is not None):
             raise ValueError("json_schema is required with type 'json_schema', and only then")
         return self
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = Field(None, max_length=1024)
+    parameters: dict[str, Any] | None = Field(None, description="A JSON Schema.")
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _valid_parameters(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if value is None else checked_schema(value)
+
+
+class Tool(BaseModel):
+    """A function the model may call, as OpenAI's ``tools[]``; vLLM and Ollama runtimes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=FUNCTION_NAME)
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class JobCreate(BaseModel):
@@ -94,6 +170,10 @@ class JobCreate(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: list[str] | None = Field(None, max_length=8)
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, min_length=1, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="Omitted: auto. Ollama takes only auto and none."
+    )
     priority: int = Field(5, ge=0, le=9, description="0 lowest, 9 highest.")
     metadata: dict[str, Any] = Field(default_factory=dict, description="Echoed back as given.")
     callback_url: HttpUrl | None = Field(
@@ -122,10 +202,29 @@ class JobCreate(BaseModel):
             raise ValueError("each stop string must be 1-128 characters")
         return value
 
+    @property
+    def uses_tools(self) -> bool:
+        """Tools offered, or a conversation that already holds tool calls or results."""
+        return bool(self.tools) or any(
+            m.tool_calls or m.role == "tool" for m in self.messages or ()
+        )
+
     @model_validator(mode="after")
     def _prompt_xor_messages(self) -> JobCreate:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
+        return self
+
+    @model_validator(mode="after")
+    def _tool_choice_among_tools(self) -> JobCreate:
+        names = [tool.function.name for tool in self.tools or ()]
+        if len(set(names)) < len(names):
+            raise ValueError("tools: each function needs a name of its own")
+        if self.tool_choice is not None and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        chosen = self.tool_choice
+        if isinstance(chosen, NamedToolChoice) and chosen.function.name not in names:
+            raise ValueError(f"tool_choice names {chosen.function.name!r}, which is not in tools")
         return self
 
 
@@ -144,7 +243,10 @@ class Timings(BaseModel):
 
 class JobResult(BaseModel):
     text: str
-    finish_reason: Literal["stop", "length", "cancelled"]
+    finish_reason: Literal["stop", "length", "tool_calls", "cancelled"]
+    tool_calls: list[ToolCall] | None = Field(
+        None, description="The functions the model called (finish_reason tool_calls)."
+    )
     usage: Usage
     runtime: str
     model: str

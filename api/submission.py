@@ -11,6 +11,8 @@ import time
 import uuid
 from typing import Any
 
+from pydantic import BaseModel
+
 from api.schemas import JobCreate
 from core.errors import RoutingError, UnsupportedByRuntime
 from core.profiles import load_profiles
@@ -22,8 +24,11 @@ def new_job_id() -> str:
 
 
 # Runtimes whose backend constrains decoding to JSON (vLLM's guided decoding, Ollama's
-# ``format``); the in-worker ONNX decoder does not.
+# ``format``) and parses tool calls; the in-worker ONNX decoder does neither.
 JSON_OUTPUT_RUNTIMES = frozenset({"vllm", "ollama"})
+TOOL_RUNTIMES = JSON_OUTPUT_RUNTIMES
+# tool_choice values a runtime cannot honour: Ollama has no tool_choice, so it can't force one.
+UNFORCEABLE_TOOLS = frozenset({"ollama"})
 
 
 def route(job: JobCreate, settings: Settings) -> tuple[str, str]:
@@ -34,6 +39,15 @@ def route(job: JobCreate, settings: Settings) -> tuple[str, str]:
         raise UnsupportedByRuntime(
             f"runtime {runtime!r} cannot constrain output to JSON (response_format); "
             f"use one of: {', '.join(sorted(JSON_OUTPUT_RUNTIMES))}"
+        )
+    if job.uses_tools and runtime not in TOOL_RUNTIMES:
+        raise UnsupportedByRuntime(
+            f"runtime {runtime!r} cannot call tools (tools, tool messages); "
+            f"use one of: {', '.join(sorted(TOOL_RUNTIMES))}"
+        )
+    if runtime in UNFORCEABLE_TOOLS and job.tool_choice not in (None, "auto", "none"):
+        raise UnsupportedByRuntime(
+            f"runtime {runtime!r} cannot force a tool call; use tool_choice auto or none"
         )
     return runtime, queue_of(runtime, settings)
 
@@ -55,7 +69,7 @@ def build_record(
     profile = load_profiles(settings.profiles_file)[job.task_type]
     runtime, queue = route(job, settings)
     messages = (
-        [m.model_dump() for m in job.messages]
+        [m.model_dump(exclude_none=True) for m in job.messages]
         if job.messages
         else [{"role": "user", "content": job.prompt}]
     )
@@ -74,6 +88,10 @@ def build_record(
         if job.json_output
         else None,
     }
+    if job.tools:  # only when given: records stay readable by workers that predate tools
+        request["tools"] = [t.model_dump(exclude_none=True) for t in job.tools]
+        choice = job.tool_choice
+        request["tool_choice"] = choice.model_dump() if isinstance(choice, BaseModel) else choice
     return {
         "id": job_id,
         "status": "queued",
@@ -85,6 +103,6 @@ def build_record(
         "owner": owner,
         "metadata": job.metadata,
         "request": request,
-        "prompt_chars": sum(len(m["content"]) for m in messages),
+        "prompt_chars": sum(len(m.get("content") or "") for m in messages),
         **{k: v for k, v in extra.items() if v is not None},
     }

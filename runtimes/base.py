@@ -6,14 +6,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
     """One generation, already merged with its task profile (system prompt included)."""
 
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     model: str | None = None
     max_tokens: int = 512
     temperature: float = 0.0
@@ -23,6 +23,9 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     # OpenAI's response_format (json_object or json_schema); None: free text.
     response_format: dict[str, Any] | None = None
+    # OpenAI's function tools and tool_choice; None: no tools offered.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
 
 @dataclass
@@ -33,6 +36,9 @@ class Completion:
     completion_tokens: int
     model: str
     time_to_first_token_s: float | None = None
+    # As OpenAI's message.tool_calls: [{"id", "type": "function", "function": {"name",
+    # "arguments" (a JSON string)}}]; None when the model called no tool.
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 TokenCallback = Callable[[str], None]

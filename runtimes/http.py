@@ -273,6 +273,20 @@ class StreamState:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     done: bool = False
+    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)  # by index
+
+    def add_tool_call(
+        self, index: int, call_id: str | None, name: str | None, arguments: str
+    ) -> None:
+        """A tool call, or the next piece of one (OpenAI streams its arguments in pieces)."""
+        if self.time_to_first_token_s is None:
+            self.time_to_first_token_s = time.perf_counter() - self.started
+        call = self.tool_calls.setdefault(
+            index, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+        )
+        call["id"] = call["id"] or call_id or f"call_{index}"
+        call["function"]["name"] += name or ""
+        call["function"]["arguments"] += arguments
 
     def add(self, text: str) -> None:
         if not text:
@@ -294,6 +308,7 @@ class StreamState:
             ),
             model=self.model,
             time_to_first_token_s=self.time_to_first_token_s,
+            tool_calls=[self.tool_calls[i] for i in sorted(self.tool_calls)] or None,
         )
 
 

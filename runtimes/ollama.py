@@ -63,10 +63,13 @@ class OllamaRuntime(HTTPRuntime):
             options["num_ctx"] = self.num_ctx
         body: dict[str, Any] = {
             "model": model,
-            "messages": request.messages,
+            "messages": [ollama_message(m) for m in request.messages],
             "stream": True,
             "options": options,
         }
+        # Ollama has no tool_choice: "none" offers no tools; the API refuses the forcing ones.
+        if request.tools and request.tool_choice != "none":
+            body["tools"] = request.tools
         if request.response_format:
             body["format"] = ollama_format(request.response_format)
         if self.keep_alive is not None:
@@ -81,14 +84,44 @@ class OllamaRuntime(HTTPRuntime):
             raise BackendUnavailable(f"{self.name} sent a malformed line: {shown}") from None
         if "error" in obj:
             raise error_in_stream(self.name, str(obj["error"]))
-        content = (obj.get("message") or {}).get("content")
-        if content:
+        message = obj.get("message") or {}
+        if content := message.get("content"):
             state.add(content)
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") or {}
+            arguments = function.get("arguments")
+            state.add_tool_call(
+                len(state.tool_calls), call.get("id"), function.get("name"),
+                arguments if isinstance(arguments, str) else json.dumps(arguments or {}),
+            )  # fmt: skip
         if obj.get("done"):
             state.done = True
-            state.finish_reason = "length" if obj.get("done_reason") == "length" else "stop"
+            reason = obj.get("done_reason")
+            state.finish_reason = (
+                "length" if reason == "length" else "tool_calls" if state.tool_calls else "stop"
+            )
             state.prompt_tokens = obj.get("prompt_eval_count")
             state.completion_tokens = obj.get("eval_count")
+
+
+def ollama_message(message: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI chat message as Ollama takes it: a tool call's arguments as an object, not
+    a JSON string."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    converted = [
+        {"function": {"name": c["function"]["name"], "arguments": _object(c["function"])}}
+        for c in calls
+    ]
+    return {**message, "content": message.get("content") or "", "tool_calls": converted}
+
+
+def _object(function: dict[str, Any]) -> Any:
+    try:
+        return json.loads(function.get("arguments") or "{}")
+    except ValueError:  # not JSON: pass it on as the model wrote it
+        return function["arguments"]
 
 
 def ollama_format(response_format: dict[str, Any]) -> str | dict[str, Any]:

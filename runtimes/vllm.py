@@ -78,6 +78,8 @@ class VLLMRuntime(HTTPRuntime):
             "top_p": request.top_p,
             **optional_sampling(request),
             **({"response_format": request.response_format} if request.response_format else {}),
+            **({"tools": request.tools} if request.tools else {}),
+            **({"tool_choice": request.tool_choice} if request.tool_choice else {}),
         }
 
     def parse_line(self, line: bytes, state: StreamState) -> None:
@@ -97,9 +99,15 @@ class VLLMRuntime(HTTPRuntime):
             info = error if isinstance(error, dict) else chunk
             raise error_in_stream(self.name, str(info.get("message", error)), info.get("code"))
         for choice in chunk.get("choices") or ():
-            content = (choice.get("delta") or {}).get("content")
-            if content:
+            delta = choice.get("delta") or {}
+            if content := delta.get("content"):
                 state.add(content)
+            for call in delta.get("tool_calls") or ():
+                function = call.get("function") or {}
+                state.add_tool_call(
+                    call.get("index", 0), call.get("id"), function.get("name"),
+                    function.get("arguments") or "",
+                )  # fmt: skip
             if choice.get("finish_reason"):
                 state.finish_reason = self._finish_reason(choice["finish_reason"])
         if usage := chunk.get("usage"):
@@ -111,6 +119,8 @@ class VLLMRuntime(HTTPRuntime):
     def _finish_reason(self, reason: str) -> FinishReason:
         if reason == "length":
             return "length"
+        if reason == "tool_calls":
+            return "tool_calls"
         if reason == "abort":  # the engine dropped the request (shutdown, preemption limit)
             raise BackendUnavailable(f"{self.name} aborted the generation")
-        return "stop"  # "stop", "tool_calls", "content_filter": the model finished
+        return "stop"  # "stop", "content_filter": the model finished

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from tests.conftest import Stack, wait_for_job
+from tests.runtimes.common import CIRCLE_TOOL, tool_conversation
 
 
 def submit(client: httpx.Client, **job: object) -> dict:
@@ -88,6 +89,44 @@ def test_json_output_is_refused_for_the_onnx_runtime(stack: Stack) -> None:
     assert "vllm" in response.json()["detail"]
 
 
+@pytest.mark.parametrize("runtime", ["vllm", "ollama"])
+def test_tool_call_then_the_answer_to_its_result(stack: Stack, runtime: str) -> None:
+    question = "Calculate the area of a circle with radius 5 units"
+    with stack.client() as client:
+        job = submit(client, prompt=question, runtime=runtime, tools=[CIRCLE_TOOL])
+        job = wait_for_job(client, job["id"])
+        assert job["status"] == "succeeded", job
+        assert job["result"]["finish_reason"] == "tool_calls"
+        [call] = job["result"]["tool_calls"]
+        assert call["function"]["name"] == "calculate_circle_area"
+        assert json.loads(call["function"]["arguments"]).keys() == {"radius"}
+        # The client runs the tool and sends the conversation on, as the next job.
+        turn = submit(client, messages=tool_conversation(call), runtime=runtime,
+                      tools=[CIRCLE_TOOL])  # fmt: skip
+        turn = wait_for_job(client, turn["id"])
+    assert turn["status"] == "succeeded", turn
+    assert turn["result"]["finish_reason"] == "stop" and turn["result"]["text"]
+    assert turn["result"]["tool_calls"] is None
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ({"runtime": "onnx", "tools": [CIRCLE_TOOL]}, "cannot call tools"),
+        ({"runtime": "ollama", "tools": [CIRCLE_TOOL], "tool_choice": "required"},
+         "cannot force a tool call"),
+    ],
+)  # fmt: skip
+def test_tools_refused_where_the_runtime_cannot_honour_them(
+    stack: Stack, body: dict, reason: str
+) -> None:
+    with stack.client() as client:
+        response = client.post("/v1/jobs", json={"prompt": "x", **body})
+    assert response.status_code == 422
+    assert response.json()["code"] == "unsupported_by_runtime"
+    assert reason in response.json()["detail"]
+
+
 def test_wait_returns_when_the_job_ends(stack: Stack) -> None:
     with stack.client() as client:
         job = submit(client, prompt="hi", runtime="vllm")
@@ -144,6 +183,19 @@ def test_unknown_job_is_404(stack: Stack) -> None:
             "name": "n", "schema": {"type": "objekt"}}}}, "schema"),
         ({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {
             "name": "n", "schema": {"properties": {"a": {"minimum": "x"}}}}}}, "schema"),
+        ({"prompt": "x", "tool_choice": "auto"}, "body"),
+        ({"prompt": "x", "tools": [CIRCLE_TOOL],
+          "tool_choice": {"type": "function", "function": {"name": "other"}}}, "body"),
+        ({"prompt": "x", "tools": [CIRCLE_TOOL, CIRCLE_TOOL]}, "body"),
+        ({"prompt": "x", "tools": [{"type": "function", "function": {"name": "a b"}}]}, "name"),
+        ({"prompt": "x", "tools": [{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "objekt"}}}]}, "parameters"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
+        ({"messages": [{"role": "user", "content": "x", "tool_call_id": "c"}]}, "messages"),
+        ({"messages": [{"role": "assistant"}]}, "messages"),
+        ({"messages": [{"role": "user", "content": "x", "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
+         "messages"),
     ],
 )
 def test_validation_errors_name_the_field(stack: Stack, body: dict, field: str) -> None:

@@ -10,6 +10,7 @@ import pytest
 from openai import NotFoundError, OpenAI
 
 from tests.conftest import Stack
+from tests.runtimes.common import CIRCLE_TOOL, tool_conversation
 
 
 def request_line(custom_id: str, content: str, **body: object) -> str:
@@ -157,3 +158,32 @@ def test_response_format_in_request_lines(stack: Stack) -> None:
     [output] = client.files.content(batch.output_file_id).text.splitlines()
     answer = json.loads(output)["response"]["body"]["choices"][0]["message"]["content"]
     assert isinstance(json.loads(answer)["total"], int)
+
+
+def test_tools_in_request_lines(stack: Stack) -> None:
+    # The first line asks; the second carries the call and the tool's answer on.
+    client = openai_client(stack)
+    call = {"id": "call-1", "type": "function",
+            "function": {"name": "calculate_circle_area", "arguments": '{"radius": 5}'}}  # fmt: skip
+    lines = [
+        request_line("ask", "Area of a circle of radius 5?", tools=[CIRCLE_TOOL]),
+        request_line("answer", "", tools=[CIRCLE_TOOL], messages=tool_conversation(call)),
+    ]
+    uploaded = client.files.create(
+        file=("r.jsonl", io.BytesIO("\n".join(lines).encode())), purpose="batch"
+    )
+    batch = wait_until_done(client, client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    ).id)  # fmt: skip
+    assert batch.status == "completed" and batch.request_counts.completed == 2, batch
+    asked, answered = (
+        json.loads(line)["response"]["body"]["choices"][0]
+        for line in client.files.content(batch.output_file_id).text.splitlines()
+    )
+    assert asked["finish_reason"] == "tool_calls"
+    assert asked["message"]["content"] is None
+    [made] = asked["message"]["tool_calls"]
+    assert made["function"]["name"] == "calculate_circle_area"
+    assert json.loads(made["function"]["arguments"]).keys() == {"radius"}
+    assert answered["finish_reason"] == "stop" and answered["message"]["content"]
+    assert "tool_calls" not in answered["message"]

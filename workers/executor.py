@@ -485,6 +485,7 @@ def _result(
     return {
         "text": completion.text,
         "finish_reason": completion.finish_reason,
+        "tool_calls": completion.tool_calls,
         "usage": {
             "prompt_tokens": completion.prompt_tokens,
             "completion_tokens": completion.completion_tokens,

@@ -21,3 +21,26 @@ JSON_SCHEMA_FORMAT = {
     "type": "json_schema",
     "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA},
 }
+
+# The seed document's function-calling example.
+CIRCLE_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "calculate_circle_area",
+        "description": "Area of a circle",
+        "parameters": {
+            "type": "object",
+            "properties": {"radius": {"type": "number"}},
+            "required": ["radius"],
+        },
+    },
+}
+
+
+def tool_conversation(call: dict) -> list[dict]:
+    """The user's question, the model's tool call and the tool's answer: the next turn."""
+    return [
+        {"role": "user", "content": "Calculate the area of a circle with radius 5 units"},
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": "78.54"},
+    ]

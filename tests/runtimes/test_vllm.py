@@ -15,9 +15,16 @@ from core.errors import (
     BackendUnavailable,
     ContextTooLong,
 )
+from runtimes.base import GenerationRequest
 from runtimes.http import HTTPOptions, StreamState, backend_message, retry_after_s
 from runtimes.vllm import VLLMRuntime
-from tests.runtimes.common import FAST, JSON_SCHEMA_FORMAT, ask
+from tests.runtimes.common import (
+    CIRCLE_TOOL,
+    FAST,
+    JSON_SCHEMA_FORMAT,
+    ask,
+    tool_conversation,
+)
 from tests.standins.engine import count_prompt_tokens, plan_reply
 from tests.standins.openai_server import OpenAIConfig, OpenAIStandIn
 from tests.standins.server_thread import ServerThread, StandInControl, free_port
@@ -316,3 +323,62 @@ async def test_response_format_sent_as_is_and_json_comes_back(
     assert second["response_format"] == {"type": "json_object"}
     assert json.loads(schema_reply.text).keys() == {"answer", "confidence"}
     assert isinstance(json.loads(object_reply.text), dict)
+
+
+async def test_tool_call_streamed_in_pieces_then_answer_after_its_result(
+    server: ServerThread, ctl: StandInControl
+) -> None:
+    runtime = VLLMRuntime(server.url, options=FAST)
+    question = ask("Calculate the area of a circle with radius 5 units", tools=[CIRCLE_TOOL])
+    called = await runtime.generate(question)
+    assert called.finish_reason == "tool_calls" and called.text == ""
+    [call] = called.tool_calls or []
+    assert call["type"] == "function" and call["id"].startswith("chatcmpl-tool-")
+    assert call["function"]["name"] == "calculate_circle_area"
+    assert json.loads(call["function"]["arguments"]) == {"radius": 0.5}
+    assert called.completion_tokens > 1  # the arguments came in several pieces
+    answer = await runtime.generate(
+        GenerationRequest(messages=tool_conversation(call), tools=[CIRCLE_TOOL])
+    )
+    await runtime.aclose()
+    assert answer.finish_reason == "stop" and answer.text and answer.tool_calls is None
+    sent = [r["body"] for r in ctl.requests()]
+    assert sent[0]["tools"] == [CIRCLE_TOOL] and "tool_choice" not in sent[0]
+    assert sent[1]["messages"] == tool_conversation(call)
+
+
+async def test_forced_tool_choice_reaches_vllm(server: ServerThread, ctl: StandInControl) -> None:
+    runtime = VLLMRuntime(server.url, options=FAST)
+    choice = {"type": "function", "function": {"name": "calculate_circle_area"}}
+    forced = await runtime.generate(
+        GenerationRequest(
+            messages=tool_conversation({"id": "c1", "type": "function", "function": {
+                "name": "calculate_circle_area", "arguments": "{}"}}),
+            tools=[CIRCLE_TOOL], tool_choice=choice,
+        )
+    )  # fmt: skip
+    await runtime.aclose()
+    assert forced.finish_reason == "tool_calls"  # even after a tool result: it was forced
+    assert ctl.requests()[0]["body"]["tool_choice"] == choice
+
+
+def test_parallel_tool_calls_are_assembled_by_index() -> None:
+    # Two calls interleaved, as vLLM streams parallel calls: name first, arguments after.
+    runtime, state = VLLMRuntime("http://unused"), StreamState(model=MODEL, on_token=None)
+    deltas = [
+        [{"index": 0, "id": "call-a", "type": "function", "function": {"name": "f"}}],
+        [{"index": 0, "function": {"arguments": '{"x": '}}],
+        [{"index": 1, "id": "call-b", "type": "function", "function": {"name": "g"}}],
+        [{"index": 1, "function": {"arguments": "{}"}}],
+        [{"index": 0, "function": {"arguments": "1}"}}],
+    ]
+    for calls in deltas:
+        chunk = {"choices": [{"index": 0, "delta": {"tool_calls": calls}}]}
+        runtime.parse_line(b"data: " + json.dumps(chunk).encode(), state)
+    finish = {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}
+    runtime.parse_line(b"data: " + json.dumps(finish).encode(), state)
+    completion = state.completion()
+    assert completion.finish_reason == "tool_calls"
+    calls = [(c["id"], c["function"]["name"], c["function"]["arguments"])
+             for c in completion.tool_calls or []]  # fmt: skip
+    assert calls == [("call-a", "f", '{"x": 1}'), ("call-b", "g", "{}")]

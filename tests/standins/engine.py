@@ -105,7 +105,8 @@ class Reply:
     """What a request will generate: its tokens (already cut at a stop string) and why it ends."""
 
     tokens: list[str]
-    finish_reason: str  # "stop" or "length"
+    finish_reason: str  # "stop", "length" or "tool_calls"
+    tool: str | None = None  # the function called; its arguments are the tokens
 
     @property
     def text(self) -> str:
@@ -149,6 +150,27 @@ def plan_reply(
     if hits:
         words, finish = _cut(words, min(hits)), "stop"
     return Reply(words, finish)
+
+
+def plan_tool_call(
+    messages: list[dict], tools: list[dict] | None, choice: str | dict | None, seed: int | None
+) -> Reply | None:
+    """The tool call the "model" makes, or None for a text answer. Like a model that needs
+    a tool once: a forced choice (``required``, or a named function) always calls it;
+    ``auto`` calls the first tool until the conversation holds a tool result. Arguments are
+    an instance of the function's ``parameters`` schema, streamed four characters a token.
+    """
+    if not tools or choice == "none":
+        return None
+    if choice in (None, "auto") and any(m.get("role") == "tool" for m in messages):
+        return None
+    wanted = choice["function"]["name"] if isinstance(choice, dict) else None
+    function = next(t["function"] for t in tools if wanted in (None, t["function"]["name"]))
+    words = plan_reply(messages, 3, None, seed).text.split()
+    parameters = function.get("parameters")
+    arguments = json.dumps(_instance(parameters, " ".join(words)) if parameters else {})
+    tokens = [arguments[i : i + 4] for i in range(0, len(arguments), 4)]
+    return Reply(tokens, "tool_calls", function["name"])
 
 
 def _json_reply(

@@ -43,6 +43,7 @@ from tests.standins.engine import (
     Sequence,
     count_prompt_tokens,
     plan_reply,
+    plan_tool_call,
 )
 
 BUSY = "server busy, please try again.  maximum pending requests exceeded"
@@ -158,7 +159,7 @@ class OllamaStandIn:
         fmt = body.get("format")
         if fmt and not (fmt == "json" or isinstance(fmt, dict)):
             return _finish(rec, _error(400, f"invalid format: {fmt!r}"))
-        reply = plan_reply(
+        reply = plan_tool_call(messages, body.get("tools"), None, options.get("seed")) or plan_reply(
             messages,
             self.lengths.draw(),
             limit,
@@ -189,6 +190,8 @@ class OllamaStandIn:
             rec.client_closed = True
             return Response(status_code=499)
         rec.status = 200
+        if reply.tool:
+            return JSONResponse(gen.line("", "stop", len(reply.tokens), [_tool_call(reply)]))
         return JSONResponse(gen.line(text, reply.finish_reason, len(reply.tokens)))
 
     def _release(self, seq: Sequence | None) -> None:
@@ -222,8 +225,13 @@ class OllamaStandIn:
         self, gen: _Generation, reply: Reply, seq: Sequence | None, rec: RequestRecord
     ) -> AsyncIterator[bytes]:
         async for batch in self._tokens(gen, seq, rec, reply):
-            yield b"".join(_ndjson(gen.line(token)) for token in batch)
-        yield _ndjson(gen.line("", reply.finish_reason, len(reply.tokens)))
+            if not reply.tool:  # a tool call is parsed whole, then sent in one line
+                yield b"".join(_ndjson(gen.line(token)) for token in batch)
+        if reply.tool:
+            yield _ndjson(gen.line("", tool_calls=[_tool_call(reply)]))
+        # Ollama ends a tool call as any answer: done_reason "stop".
+        done_reason = "stop" if reply.tool else reply.finish_reason
+        yield _ndjson(gen.line("", done_reason, len(reply.tokens)))
 
     async def _collect(
         self, gen: _Generation, reply: Reply, seq: Sequence | None, rec: RequestRecord
@@ -243,11 +251,19 @@ class _Generation:
     received_ns: int
     first_token_ns: int | None = None
 
-    def line(self, text: str, done_reason: str | None = None, eval_count: int = 0) -> dict:
+    def line(
+        self,
+        text: str,
+        done_reason: str | None = None,
+        eval_count: int = 0,
+        tool_calls: list[dict] | None = None,
+    ) -> dict:
         created = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
         out: dict[str, Any] = {"model": self.model, "created_at": created}
         if self.chat:
             out["message"] = {"role": "assistant", "content": text}
+            if tool_calls:
+                out["message"]["tool_calls"] = tool_calls
         else:
             out["response"] = text
         out["done"] = done_reason is not None
@@ -267,6 +283,11 @@ class _Generation:
             "eval_duration": now - first,
         }
         return out
+
+
+def _tool_call(reply: Reply) -> dict[str, Any]:
+    """As Ollama sends a call: its arguments an object, not JSON text; no id."""
+    return {"function": {"name": reply.tool, "arguments": json.loads(reply.text)}}
 
 
 def _model_card(name: str) -> dict[str, Any]:

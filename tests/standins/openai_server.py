@@ -42,6 +42,7 @@ from tests.standins.engine import (
     Sequence,
     count_prompt_tokens,
     plan_reply,
+    plan_tool_call,
 )
 
 _ERROR_TYPES = {
@@ -153,7 +154,10 @@ class OpenAIStandIn:
             max_tokens = self.config.max_model_len - prompt_tokens
         stop = body.get("stop") or []
         response_format = body.get("response_format") or {"type": "text"}
-        reply = plan_reply(
+        tool_call = plan_tool_call(
+            messages, body.get("tools"), body.get("tool_choice"), body.get("seed")
+        )
+        reply = tool_call or plan_reply(
             messages,
             self.lengths.draw(),
             max_tokens,
@@ -194,6 +198,9 @@ class OpenAIStandIn:
             schema = (response_format.get("json_schema") or {}).get("schema")
             if kind == "json_schema" and not isinstance(schema, dict):
                 return self.error(400, "json_schema.schema is required", "response_format")
+        tools_problem = self._tools_problem(body.get("tools"), body.get("tool_choice"))
+        if tools_problem:
+            return self.error(400, tools_problem, "tools")
         limit = self.config.max_model_len
         prompt = count_prompt_tokens(body["messages"])
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
@@ -212,6 +219,22 @@ class OpenAIStandIn:
                 f"{max_tokens} in the completion). Please reduce the length of the messages "
                 "or completion.",
             )
+        return None
+
+    @staticmethod
+    def _tools_problem(tools: Any, choice: Any) -> str | None:
+        """vLLM's checks (served with ``--enable-auto-tool-choice``), with its messages."""
+        if tools is not None and not (
+            isinstance(tools, list)
+            and all(isinstance(t, dict) and (t.get("function") or {}).get("name") for t in tools)
+        ):
+            return "tools must be a list of {type: function, function: {name, ...}}"
+        if choice not in (None, "none") and not tools:
+            return "When using `tool_choice`, `tools` must be set."
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name")
+            if name not in {t["function"]["name"] for t in tools or ()}:
+                return f"Tool '{name}' has not been passed in `tools`."
         return None
 
     async def _tokens(self, reply: Reply, rec: RequestRecord) -> AsyncIterator[list[str]]:
@@ -244,10 +267,17 @@ class OpenAIStandIn:
         sent = 0
         async for batch in self._tokens(reply, rec):
             out = [role] if sent == 0 else []
-            for token in batch:
+            if sent == 0 and reply.tool:  # as vLLM's tool parsers: the call's name, then
+                out.append(_sse(meta.chunk({"tool_calls": [meta.tool_call(reply.tool)]})))
+            for token in batch:  # its arguments piece by piece
                 sent += 1
                 finish = reply.finish_reason if sent == total else None
-                out.append(_sse(meta.chunk({"content": token}, finish)))
+                delta = (
+                    {"tool_calls": [{"index": 0, "function": {"arguments": token}}]}
+                    if reply.tool
+                    else {"content": token}
+                )
+                out.append(_sse(meta.chunk(delta, finish)))
             yield b"".join(out)
         if total == 0:
             yield role + _sse(meta.chunk({"content": ""}, reply.finish_reason))
@@ -278,7 +308,11 @@ class OpenAIStandIn:
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": reply.text, "tool_calls": []},
+                        "message": {
+                            "role": "assistant",
+                            "content": None if reply.tool else reply.text,
+                            "tool_calls": [meta.called(reply.tool, reply.text)] if reply.tool else [],
+                        },
                         "logprobs": None,
                         "finish_reason": reply.finish_reason,
                         "stop_reason": None,
@@ -297,7 +331,7 @@ class _Meta:
     model: str
     prompt_tokens: int
 
-    def chunk(self, delta: dict[str, str], finish: str | None = None) -> dict[str, Any]:
+    def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": "chat.completion.chunk",
@@ -305,6 +339,16 @@ class _Meta:
             "model": self.model,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
         }
+
+    def tool_call(self, name: str) -> dict[str, Any]:
+        """The first delta of a streamed tool call (its id is the request's)."""
+        call_id = "chatcmpl-tool-" + self.id.removeprefix("chatcmpl-")
+        return {"id": call_id, "type": "function", "index": 0, "function": {"name": name}}
+
+    def called(self, name: str, arguments: str) -> dict[str, Any]:
+        """A whole tool call, as a non-streamed answer's ``message.tool_calls[]``."""
+        call = {k: v for k, v in self.tool_call(name).items() if k != "index"}
+        return call | {"function": {"name": name, "arguments": arguments}}
 
     def usage(self, completion_tokens: int) -> dict[str, int]:
         return {
