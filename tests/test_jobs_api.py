@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.conftest import Stack, wait_for_job
-from tests.runtimes.common import CIRCLE_TOOL, tool_conversation
+from tests.runtimes.common import CIRCLE_QUESTION, CIRCLE_TOOL, tool_conversation
 
 
 def submit(client: httpx.Client, **job: object) -> dict:
@@ -91,9 +91,8 @@ def test_json_output_is_refused_for_the_onnx_runtime(stack: Stack) -> None:
 
 @pytest.mark.parametrize("runtime", ["vllm", "ollama"])
 def test_tool_call_then_the_answer_to_its_result(stack: Stack, runtime: str) -> None:
-    question = "Calculate the area of a circle with radius 5 units"
     with stack.client() as client:
-        job = submit(client, prompt=question, runtime=runtime, tools=[CIRCLE_TOOL])
+        job = submit(client, prompt=CIRCLE_QUESTION, runtime=runtime, tools=[CIRCLE_TOOL])
         job = wait_for_job(client, job["id"])
         assert job["status"] == "succeeded", job
         assert job["result"]["finish_reason"] == "tool_calls"

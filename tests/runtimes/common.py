@@ -23,6 +23,7 @@ JSON_SCHEMA_FORMAT = {
 }
 
 # The seed document's function-calling example.
+CIRCLE_QUESTION = "Calculate the area of a circle with radius 5 units"
 CIRCLE_TOOL = {
     "type": "function",
     "function": {
@@ -40,7 +41,7 @@ CIRCLE_TOOL = {
 def tool_conversation(call: dict) -> list[dict]:
     """The user's question, the model's tool call and the tool's answer: the next turn."""
     return [
-        {"role": "user", "content": "Calculate the area of a circle with radius 5 units"},
+        {"role": "user", "content": CIRCLE_QUESTION},
         {"role": "assistant", "tool_calls": [call]},
         {"role": "tool", "tool_call_id": call["id"], "content": "78.54"},
     ]

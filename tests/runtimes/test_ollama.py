@@ -15,6 +15,7 @@ from runtimes.http import HTTPOptions, StreamState
 from runtimes.ollama import OllamaRuntime
 from tests.runtimes.common import (
     ANSWER_SCHEMA,
+    CIRCLE_QUESTION,
     CIRCLE_TOOL,
     FAST,
     JSON_SCHEMA_FORMAT,
@@ -228,8 +229,7 @@ async def test_tool_call_then_answer_after_its_result(
     server: ServerThread, ctl: StandInControl
 ) -> None:
     runtime = OllamaRuntime(server.url, options=FAST)
-    question = ask("Calculate the area of a circle with radius 5 units", tools=[CIRCLE_TOOL])
-    called = await runtime.generate(question)
+    called = await runtime.generate(ask(CIRCLE_QUESTION, tools=[CIRCLE_TOOL]))
     assert called.finish_reason == "tool_calls" and called.text == ""
     [call] = called.tool_calls or []
     assert call["id"] == "call_0"  # Ollama gives none: ours, so a tool message can cite it

@@ -19,6 +19,7 @@ from runtimes.base import GenerationRequest
 from runtimes.http import HTTPOptions, StreamState, backend_message, retry_after_s
 from runtimes.vllm import VLLMRuntime
 from tests.runtimes.common import (
+    CIRCLE_QUESTION,
     CIRCLE_TOOL,
     FAST,
     JSON_SCHEMA_FORMAT,
@@ -329,8 +330,7 @@ async def test_tool_call_streamed_in_pieces_then_answer_after_its_result(
     server: ServerThread, ctl: StandInControl
 ) -> None:
     runtime = VLLMRuntime(server.url, options=FAST)
-    question = ask("Calculate the area of a circle with radius 5 units", tools=[CIRCLE_TOOL])
-    called = await runtime.generate(question)
+    called = await runtime.generate(ask(CIRCLE_QUESTION, tools=[CIRCLE_TOOL]))
     assert called.finish_reason == "tool_calls" and called.text == ""
     [call] = called.tool_calls or []
     assert call["type"] == "function" and call["id"].startswith("chatcmpl-tool-")
