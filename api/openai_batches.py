@@ -203,6 +203,8 @@ def output_line(row: dict[str, Any]) -> dict[str, Any]:
                         "role": "assistant",
                         "content": None if calls and not result["text"] else result["text"],
                         **({"tool_calls": calls} if calls else {}),
+                        # As vLLM's reasoning parsers name it.
+                        **({"reasoning": result["reasoning"]} if result.get("reasoning") else {}),
                     },
                     "logprobs": None,
                     "finish_reason": result["finish_reason"]

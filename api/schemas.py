@@ -247,6 +247,11 @@ class JobResult(BaseModel):
     tool_calls: list[ToolCall] | None = Field(
         None, description="The functions the model called (finish_reason tool_calls)."
     )
+    reasoning: str | None = Field(
+        None,
+        description="A reasoning model's thinking, when its server sends it apart from the "
+        "answer (vLLM --reasoning-parser, Ollama thinking); not part of text.",
+    )
     usage: Usage
     runtime: str
     model: str

@@ -39,6 +39,9 @@ class Completion:
     # As OpenAI's message.tool_calls: [{"id", "type": "function", "function": {"name",
     # "arguments" (a JSON string)}}]; None when the model called no tool.
     tool_calls: list[dict[str, Any]] | None = None
+    # What a reasoning model thought before answering, when its server sends it apart
+    # (vLLM's --reasoning-parser, Ollama's thinking); None otherwise.
+    reasoning: str | None = None
 
 
 TokenCallback = Callable[[str], None]

@@ -268,6 +268,7 @@ class StreamState:
     on_token: TokenCallback | None
     started: float = field(default_factory=time.perf_counter)
     parts: list[str] = field(default_factory=list)
+    reasoning_parts: list[str] = field(default_factory=list)
     time_to_first_token_s: float | None = None
     finish_reason: FinishReason | None = None
     prompt_tokens: int | None = None
@@ -288,6 +289,13 @@ class StreamState:
         call["function"]["name"] += name or ""
         call["function"]["arguments"] += arguments
 
+    def add_reasoning(self, text: str) -> None:
+        """A piece of the model's reasoning: kept apart from the answer (not streamed to
+        ``on_token``), and its first piece is the first token."""
+        if self.time_to_first_token_s is None:
+            self.time_to_first_token_s = time.perf_counter() - self.started
+        self.reasoning_parts.append(text)
+
     def add(self, text: str) -> None:
         if not text:
             return
@@ -304,11 +312,14 @@ class StreamState:
             prompt_tokens=self.prompt_tokens or 0,
             # Without a usage report, one streamed piece is one token (true for vLLM/Ollama).
             completion_tokens=(
-                self.completion_tokens if self.completion_tokens is not None else len(self.parts)
+                self.completion_tokens
+                if self.completion_tokens is not None
+                else len(self.parts) + len(self.reasoning_parts)
             ),
             model=self.model,
             time_to_first_token_s=self.time_to_first_token_s,
             tool_calls=[self.tool_calls[i] for i in sorted(self.tool_calls)] or None,
+            reasoning="".join(self.reasoning_parts) if self.reasoning_parts else None,
         )
 
 

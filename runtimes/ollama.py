@@ -85,6 +85,8 @@ class OllamaRuntime(HTTPRuntime):
         if "error" in obj:
             raise error_in_stream(self.name, str(obj["error"]))
         message = obj.get("message") or {}
+        if thinking := message.get("thinking"):
+            state.add_reasoning(thinking)
         if content := message.get("content"):
             state.add(content)
         for call in message.get("tool_calls") or ():

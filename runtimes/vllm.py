@@ -100,6 +100,9 @@ class VLLMRuntime(HTTPRuntime):
             raise error_in_stream(self.name, str(info.get("message", error)), info.get("code"))
         for choice in chunk.get("choices") or ():
             delta = choice.get("delta") or {}
+            # "reasoning" since vLLM 0.11; "reasoning_content" before (still sent by some).
+            if reasoning := delta.get("reasoning") or delta.get("reasoning_content"):
+                state.add_reasoning(reasoning)
             if content := delta.get("content"):
                 state.add(content)
             for call in delta.get("tool_calls") or ():

@@ -192,3 +192,16 @@ def test_job_outlives_a_failover_that_demotes_its_redis(
     promoted = time.time()
     wait_until(lambda: admin.hget(keys.job("job-demoted"), "status") == b"succeeded", 15, "end")
     assert float(admin.hget(keys.job("job-demoted"), "finished_at")) - promoted < 5
+
+
+def test_reasoning_is_stored_apart_from_the_answer(redis_url: str) -> None:
+    config = OpenAIConfig(step_base_s=0.001, step_per_seq_s=0, reasoning_tokens=2)
+    with ServerThread(OpenAIStandIn(config).app) as vllm:
+        settings = Settings(redis_url=redis_url, vllm_url=vllm.url, runtime_queues={"vllm": "gpu"})
+        record = queued_job(settings, "job-reasoning", "echo: four")
+        summary = Executor(settings).run("job-reasoning", record, None, redelivered=False)
+    assert summary["status"] == "succeeded"
+    stored = redis.Redis.from_url(redis_url).hget(keys.job("job-reasoning"), "result")
+    result = json.loads(stored)
+    assert (result["reasoning"], result["text"]) == (" step1 step2", " four")
+    assert result["usage"]["completion_tokens"] == 3

@@ -486,6 +486,7 @@ def _result(
         "text": completion.text,
         "finish_reason": completion.finish_reason,
         "tool_calls": completion.tool_calls,
+        "reasoning": completion.reasoning,
         "usage": {
             "prompt_tokens": completion.prompt_tokens,
             "completion_tokens": completion.completion_tokens,

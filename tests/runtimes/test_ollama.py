@@ -249,3 +249,15 @@ async def test_tool_call_then_answer_after_its_result(
         {"function": {"name": "calculate_circle_area", "arguments": {"radius": 0.5}}}
     ]
     assert second["messages"][2] == tool_conversation(call)[2]
+
+
+async def test_thinking_kept_apart_from_the_answer() -> None:
+    config = OllamaConfig(step_base_s=0.001, step_per_seq_s=0, thinking_tokens=2)
+    with ServerThread(OllamaStandIn(config).app) as thinking_server:
+        runtime = OllamaRuntime(thinking_server.url, options=FAST)
+        pieces: list[str] = []
+        result = await runtime.generate(ask("echo: ninety six"), on_token=pieces.append)
+        await runtime.aclose()
+    assert result.reasoning == " step1 step2"
+    assert result.text == " ninety six" and pieces == [" ninety", " six"]
+    assert result.completion_tokens == 4

@@ -382,3 +382,27 @@ def test_parallel_tool_calls_are_assembled_by_index() -> None:
     calls = [(c["id"], c["function"]["name"], c["function"]["arguments"])
              for c in completion.tool_calls or []]  # fmt: skip
     assert calls == [("call-a", "f", '{"x": 1}'), ("call-b", "g", "{}")]
+
+
+async def test_reasoning_kept_apart_from_the_answer() -> None:
+    config = OpenAIConfig(step_base_s=0.001, step_per_seq_s=0, reasoning_tokens=3)
+    with ServerThread(OpenAIStandIn(config).app) as reasoning_server:
+        runtime = VLLMRuntime(reasoning_server.url, options=FAST)
+        pieces: list[str] = []
+        result = await runtime.generate(ask("echo: ninety six"), on_token=pieces.append)
+        cut = await runtime.generate(ask("echo: ninety six", max_tokens=2))
+        await runtime.aclose()
+    assert result.reasoning == " step1 step2 step3"
+    assert result.text == " ninety six" and pieces == [" ninety", " six"]
+    assert result.completion_tokens == 5  # vLLM counts the thought too
+    assert result.time_to_first_token_s is not None
+    assert (cut.reasoning, cut.text, cut.finish_reason) == (" step1 step2", "", "length")
+
+
+def test_reasoning_content_of_older_vllm_is_read_too() -> None:
+    runtime, state = VLLMRuntime("http://unused"), StreamState(model=MODEL, on_token=None)
+    for delta in ({"reasoning_content": "Hmm."}, {"reasoning": " So"}, {"content": "4"}):
+        chunk = {"choices": [{"index": 0, "delta": delta}]}
+        runtime.parse_line(b"data: " + json.dumps(chunk).encode(), state)
+    completion = state.completion()
+    assert (completion.reasoning, completion.text) == ("Hmm. So", "4")

@@ -21,7 +21,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 VOCABULARY = (
     "the",
@@ -107,10 +107,32 @@ class Reply:
     tokens: list[str]
     finish_reason: str  # "stop", "length" or "tool_calls"
     tool: str | None = None  # the function called; its arguments are the tokens
+    reasoning: int = 0  # how many of the tokens, first, are thought (a reasoning model's)
 
     @property
     def text(self) -> str:
         return "".join(self.tokens)
+
+    @property
+    def answer(self) -> str:
+        return "".join(self.tokens[self.reasoning :])
+
+    @property
+    def thought(self) -> str:
+        return "".join(self.tokens[: self.reasoning])
+
+
+def with_reasoning(reply: Reply, thought_tokens: int, max_tokens: int | None) -> Reply:
+    """The reply of a reasoning model: ``thought_tokens`` of thought, then the answer, all
+    within ``max_tokens`` (a limit hit while thinking leaves no answer). A tool call or a
+    reasoning-less server (0) is left as it is."""
+    if thought_tokens <= 0 or reply.tool:
+        return reply
+    thought = [f" step{i}" for i in range(1, thought_tokens + 1)]
+    tokens, finish = thought + reply.tokens, reply.finish_reason
+    if max_tokens is not None and len(tokens) > max_tokens:
+        tokens, finish = tokens[:max_tokens], "length"
+    return replace(reply, tokens=tokens, finish_reason=finish, reasoning=len(thought))
 
 
 def plan_reply(

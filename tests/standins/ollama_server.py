@@ -44,6 +44,7 @@ from tests.standins.engine import (
     count_prompt_tokens,
     plan_reply,
     plan_tool_call,
+    with_reasoning,
 )
 
 BUSY = "server busy, please try again.  maximum pending requests exceeded"
@@ -66,6 +67,8 @@ class OllamaConfig:
     seed: int = 0
     zero_latency: bool = False
     version: str = "0.6.5"
+    # > 0: a thinking model: this many tokens of thought, as message.thinking, per answer.
+    thinking_tokens: int = 0
 
 
 class OllamaStandIn:
@@ -167,6 +170,7 @@ class OllamaStandIn:
             stop=[stop] if isinstance(stop, str) else list(stop),
             json_schema=fmt if isinstance(fmt, dict) else fmt == "json",
         )
+        reply = with_reasoning(reply, self.config.thinking_tokens, limit)
         gen = _Generation(name, chat, count_prompt_tokens(messages), received)
         drop_after = fault.after_tokens if fault and fault.drop == "mid_stream" else None
         try:
@@ -181,7 +185,7 @@ class OllamaStandIn:
                 drop_after,
                 on_close=lambda: self._release(seq),
             )
-        disconnected, text = await until_disconnect(
+        disconnected, _ = await until_disconnect(
             self._collect(gen, reply, seq, rec), request.receive
         )
         rec.ended_at = time.time()
@@ -192,7 +196,9 @@ class OllamaStandIn:
         rec.status = 200
         if reply.tool:
             return JSONResponse(gen.line("", "stop", len(reply.tokens), [_tool_call(reply)]))
-        return JSONResponse(gen.line(text, reply.finish_reason, len(reply.tokens)))
+        return JSONResponse(
+            gen.line(reply.answer, reply.finish_reason, len(reply.tokens), thinking=reply.thought)
+        )
 
     def _release(self, seq: Sequence | None) -> None:
         """Free the slot of a sequence whose client left (even before its stream began)."""
@@ -224,9 +230,17 @@ class OllamaStandIn:
     async def _lines(
         self, gen: _Generation, reply: Reply, seq: Sequence | None, rec: RequestRecord
     ) -> AsyncIterator[bytes]:
+        sent = 0
         async for batch in self._tokens(gen, seq, rec, reply):
-            if not reply.tool:  # a tool call is parsed whole, then sent in one line
-                yield b"".join(_ndjson(gen.line(token)) for token in batch)
+            lines = []
+            for token in batch:
+                sent += 1
+                if sent <= reply.reasoning:
+                    lines.append(_ndjson(gen.line("", thinking=token)))
+                elif not reply.tool:  # a tool call is parsed whole, then sent in one line
+                    lines.append(_ndjson(gen.line(token)))
+            if lines:
+                yield b"".join(lines)
         if reply.tool:
             yield _ndjson(gen.line("", tool_calls=[_tool_call(reply)]))
         # Ollama ends a tool call as any answer: done_reason "stop".
@@ -235,10 +249,9 @@ class OllamaStandIn:
 
     async def _collect(
         self, gen: _Generation, reply: Reply, seq: Sequence | None, rec: RequestRecord
-    ) -> str:
+    ) -> None:
         async for _ in self._tokens(gen, seq, rec, reply):
             pass
-        return reply.text
 
 
 @dataclass
@@ -257,6 +270,7 @@ class _Generation:
         done_reason: str | None = None,
         eval_count: int = 0,
         tool_calls: list[dict] | None = None,
+        thinking: str | None = None,
     ) -> dict:
         created = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
         out: dict[str, Any] = {"model": self.model, "created_at": created}
@@ -264,6 +278,8 @@ class _Generation:
             out["message"] = {"role": "assistant", "content": text}
             if tool_calls:
                 out["message"]["tool_calls"] = tool_calls
+            if thinking:
+                out["message"]["thinking"] = thinking
         else:
             out["response"] = text
         out["done"] = done_reason is not None

@@ -43,6 +43,7 @@ from tests.standins.engine import (
     count_prompt_tokens,
     plan_reply,
     plan_tool_call,
+    with_reasoning,
 )
 
 _ERROR_TYPES = {
@@ -69,6 +70,9 @@ class OpenAIConfig:
     zero_latency: bool = False
     error_format: str = "flat"  # "flat": {"object": "error", ...}; "nested": {"error": {...}}
     api_key: str | None = None
+    # > 0: a reasoning model served with --reasoning-parser: this many tokens of thought,
+    # streamed as delta.reasoning, before each answer.
+    reasoning_tokens: int = 0
 
 
 class OpenAIStandIn:
@@ -166,6 +170,7 @@ class OpenAIStandIn:
             json_schema=(response_format.get("json_schema") or {}).get("schema")
             or response_format["type"] == "json_object",
         )
+        reply = with_reasoning(reply, self.config.reasoning_tokens, max_tokens)
         model = body.get("model") or self.config.model
         meta = _Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model, prompt_tokens)
         drop_after = fault.after_tokens if fault and fault.drop == "mid_stream" else None
@@ -272,11 +277,10 @@ class OpenAIStandIn:
             for token in batch:  # its arguments piece by piece
                 sent += 1
                 finish = reply.finish_reason if sent == total else None
-                delta = (
-                    {"tool_calls": [{"index": 0, "function": {"arguments": token}}]}
-                    if reply.tool
-                    else {"content": token}
-                )
+                if reply.tool:
+                    delta = {"tool_calls": [{"index": 0, "function": {"arguments": token}}]}
+                else:  # thought first, as vLLM's reasoning parsers split it
+                    delta = {"reasoning" if sent <= reply.reasoning else "content": token}
                 out.append(_sse(meta.chunk(delta, finish)))
             yield b"".join(out)
         if total == 0:
@@ -310,7 +314,8 @@ class OpenAIStandIn:
                         "index": 0,
                         "message": {
                             "role": "assistant",
-                            "content": None if reply.tool else reply.text,
+                            "content": None if reply.tool else reply.answer,
+                            "reasoning": reply.thought or None,
                             "tool_calls": [meta.called(reply.tool, reply.text)] if reply.tool else [],
                         },
                         "logprobs": None,
