@@ -12,11 +12,13 @@ from core.batches import BatchStore
 from core.rows import Format
 
 RESULT_COLUMNS = (
-    "index", "id", "status", "answer", "error", "prompt_tokens", "completion_tokens",
-    "latency_s", "job_id",
+    "index", "id", "status", "answer", "reasoning", "error", "prompt_tokens",
+    "completion_tokens", "latency_s", "job_id",
 )
-"""One result row: ``id`` is the row's id column (else its index); ``latency_s`` runs from
-enqueue to the job's end; ``error`` is the error's message (code and message in JSONL)."""
+"""One result row: ``id`` is the row's id column (else its index); ``reasoning`` is a
+reasoning model's thinking (``result.reasoning``), empty for other models; ``latency_s`` runs
+from enqueue to the job's end; ``error`` is the error's message (code and message in
+JSONL)."""
 
 CHUNK_ROWS = 500
 
@@ -31,6 +33,7 @@ def result_row(row: dict[str, Any]) -> dict[str, Any]:
         "id": row.get("batch_row_id") or str(row["index"]),
         "status": row["status"],
         "answer": result["text"] if result else None,
+        "reasoning": result.get("reasoning") if result else None,
         "error": {"code": error["code"], "message": error["message"]} if error else None,
         "prompt_tokens": usage.get("prompt_tokens"),
         "completion_tokens": usage.get("completion_tokens"),
@@ -39,7 +42,7 @@ def result_row(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _csv_lines(records: list[dict[str, Any]], header: bool) -> bytes:
+def csv_lines(records: list[dict[str, Any]], header: bool) -> bytes:
     out = io.StringIO()
     writer = csv.writer(out)
     if header:
@@ -56,11 +59,11 @@ async def stream_results(
 ) -> AsyncIterator[bytes]:
     """The first ``rows`` rows of the batch, as CSV (with a header) or JSON lines."""
     if fmt == "csv" and rows == 0:
-        yield _csv_lines([], header=True)
+        yield csv_lines([], header=True)
     for start in range(0, rows, CHUNK_ROWS):
         stored = await batches.rows(batch_id, start, min(start + CHUNK_ROWS, rows))
         records = [result_row(row) for row in stored]
         if fmt == "csv":
-            yield _csv_lines(records, header=start == 0)
+            yield csv_lines(records, header=start == 0)
         else:
             yield "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()

@@ -2,8 +2,9 @@
 
     reasonq-submit problems.csv -o answers.csv --prompt-column question --runtime vllm
 
-``answers.csv`` holds every input row, its columns as read, plus ``answer``, ``status``,
-``error``, token counts, ``latency_s`` and ``job_id``, in input order. Interrupted and run
+``answers.csv`` holds every input row, its columns as read, plus ``answer``, ``reasoning``
+(a reasoning model's thinking), ``status``, ``error``, token counts, ``latency_s`` and
+``job_id``, in input order. Interrupted and run
 again with the same arguments, it resumes: each row's Idempotency-Key comes from the
 file's content, the options and the row's index, so rows already submitted get their
 existing job back and none is submitted twice. Exits 1 (with a summary) when rows failed,
@@ -41,7 +42,8 @@ from core.settings import Settings
 from scripts.batch_client import JobClient, RateLimiter, Retry, RowRejected
 
 OUTPUT_COLUMNS = (
-    "answer", "status", "error", "prompt_tokens", "completion_tokens", "latency_s", "job_id",
+    "answer", "reasoning", "status", "error", "prompt_tokens", "completion_tokens", "latency_s",
+    "job_id",
 )
 """Columns added to each input row; ``latency_s`` runs from enqueue to the job's end."""
 
@@ -146,6 +148,7 @@ def result_of(job: dict[str, Any]) -> dict[str, Any]:
         latency = round((finished - created).total_seconds(), 3)
     return {
         "answer": result.get("text"),
+        "reasoning": result.get("reasoning"),
         "status": job["status"],
         "error": f"{error['code']}: {error['message']}" if error else None,
         "prompt_tokens": usage.get("prompt_tokens"),

@@ -10,6 +10,7 @@ import time
 import httpx
 import redis
 
+from api.batch_results import csv_lines, result_row
 from core import keys
 from tests.conftest import Stack
 
@@ -178,3 +179,17 @@ def test_cancelling_a_finished_batch_changes_nothing(stack: Stack) -> None:
         again = client.get(f"/v1/batches/{created['id']}").json()
     assert after["status"] == again["status"] == "completed"
     assert again["counts"]["succeeded"] == 2 and again["counts"]["cancelled"] == 0
+
+
+def test_result_rows_carry_the_reasoning() -> None:
+    stored = {
+        "index": 3, "batch_row_id": "q3", "status": "succeeded", "job_id": "j",
+        "created_at": "10.0", "finished_at": "12.5",
+        "result": {"text": "4", "reasoning": "2 + 2 is 4.",
+                   "usage": {"prompt_tokens": 5, "completion_tokens": 7}},
+    }  # fmt: skip
+    record = result_row(stored)
+    assert (record["answer"], record["reasoning"], record["latency_s"]) == ("4", "2 + 2 is 4.", 2.5)
+    header, line = csv_lines([record], header=True).decode().splitlines()
+    assert header.split(",")[3:5] == ["answer", "reasoning"]
+    assert line.split(",")[3:5] == ["4", "2 + 2 is 4."]
