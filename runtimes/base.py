@@ -61,8 +61,11 @@ class Runtime(Protocol):
         request: GenerationRequest,
         on_token: TokenCallback | None = None,
         is_cancelled: CancelCheck | None = None,
+        *,
+        on_reasoning: TokenCallback | None = None,
     ) -> Completion:
-        """Run one generation.
+        """Run one generation; ``on_token`` gets the answer's text as it comes,
+        ``on_reasoning`` a reasoning model's thinking (where its server sends it apart).
 
         Raises ``core.errors.BackendUnavailable`` (retryable) or ``BackendRejected`` (final).
         When ``is_cancelled`` turns true mid-generation the runtime stops at its next token /

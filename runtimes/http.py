@@ -266,6 +266,7 @@ class StreamState:
 
     model: str
     on_token: TokenCallback | None
+    on_reasoning: TokenCallback | None = None
     started: float = field(default_factory=time.perf_counter)
     parts: list[str] = field(default_factory=list)
     reasoning_parts: list[str] = field(default_factory=list)
@@ -290,11 +291,13 @@ class StreamState:
         call["function"]["arguments"] += arguments
 
     def add_reasoning(self, text: str) -> None:
-        """A piece of the model's reasoning: kept apart from the answer (not streamed to
-        ``on_token``), and its first piece is the first token."""
+        """A piece of the model's reasoning: kept apart from the answer (``on_reasoning``,
+        not ``on_token``); its first piece is the first token."""
         if self.time_to_first_token_s is None:
             self.time_to_first_token_s = time.perf_counter() - self.started
         self.reasoning_parts.append(text)
+        if self.on_reasoning is not None:
+            self.on_reasoning(text)
 
     def add(self, text: str) -> None:
         if not text:
@@ -363,10 +366,12 @@ class HTTPRuntime:
         request: GenerationRequest,
         on_token: TokenCallback | None = None,
         is_cancelled: CancelCheck | None = None,
+        *,
+        on_reasoning: TokenCallback | None = None,
     ) -> Completion:
         """Stream one generation; see ``runtimes.base.Runtime.generate``."""
         model = await self.resolve_model(request)
-        state = StreamState(model=model, on_token=on_token)
+        state = StreamState(model=model, on_token=on_token, on_reasoning=on_reasoning)
         if is_cancelled is not None and is_cancelled():
             return state.completion("cancelled")
         payload = self.payload(request, model)

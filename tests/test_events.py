@@ -81,6 +81,26 @@ def test_tokens_stream_then_result(stack: Stack, ollama: httpx.Client) -> None:
     assert latency < 0.1, f"first token reached the watcher {latency * 1000:.0f} ms late"
 
 
+def test_reasoning_events_reach_the_watcher_as_their_own_event(
+    stack: Stack, ollama: httpx.Client
+) -> None:
+    # The stack's stand-ins don't reason: publish a worker's reasoning event by hand
+    # (tests/test_executor.py checks that workers publish them).
+    ollama.post("/_standin/faults", json={"latency_s": 0.5})
+    publisher = redis.Redis.from_url(stack.redis.url)
+    with stack.client() as client:
+        job_id = submit(client, prompt="Think first.", max_tokens=5)
+        seen = []
+        for event in events(client, job_id):
+            seen.append(event)
+            if len(seen) == 1:
+                thought = {"type": "reasoning", "text": "Let me see."}
+                publisher.publish(keys.job_events(job_id), json.dumps(thought))
+    names = [e.name for e in seen]
+    assert names.count("reasoning") == 1 and names[-1] == "result", names
+    assert seen[names.index("reasoning")].data == {"text": "Let me see."}
+
+
 def test_ended_job_sends_result_at_once(stack: Stack) -> None:
     with stack.client() as client:
         job_id = submit(client, prompt="hi", runtime="vllm")

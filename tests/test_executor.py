@@ -194,13 +194,24 @@ def test_job_outlives_a_failover_that_demotes_its_redis(
     assert float(admin.hget(keys.job("job-demoted"), "finished_at")) - promoted < 5
 
 
-def test_reasoning_is_stored_apart_from_the_answer(redis_url: str) -> None:
+def test_reasoning_is_stored_and_streamed_apart_from_the_answer(redis_url: str) -> None:
     config = OpenAIConfig(step_base_s=0.001, step_per_seq_s=0, reasoning_tokens=2)
+    events = redis.Redis.from_url(redis_url).pubsub(ignore_subscribe_messages=True)
+    events.subscribe(keys.job_events("job-reasoning"))
     with ServerThread(OpenAIStandIn(config).app) as vllm:
         settings = Settings(redis_url=redis_url, vllm_url=vllm.url, runtime_queues={"vllm": "gpu"})
         record = queued_job(settings, "job-reasoning", "echo: four")
-        summary = Executor(settings).run("job-reasoning", record, None, redelivered=False)
+        executor = Executor(settings)
+        executor._nudge({"watch": "job-reasoning"})  # as a server-sent events client does
+        summary = executor.run("job-reasoning", record, None, redelivered=False)
     assert summary["status"] == "succeeded"
+    published, quiet_from = [], time.monotonic()
+    while time.monotonic() - quiet_from < 0.5:  # None also for the subscribe confirmation
+        if message := events.get_message(timeout=0.1):
+            published.append(json.loads(message["data"]))
+            quiet_from = time.monotonic()
+    streamed = [(e["type"], e["text"]) for e in published if e["type"] != "status"]
+    assert streamed == [("reasoning", " step1 step2"), ("token", " four")], published
     stored = redis.Redis.from_url(redis_url).hget(keys.job("job-reasoning"), "result")
     result = json.loads(stored)
     assert (result["reasoning"], result["text"]) == (" step1 step2", " four")

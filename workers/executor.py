@@ -78,6 +78,8 @@ class RunningJob:
     # Appended from any thread (the ONNX engine calls back from its own); list.append is atomic.
     tokens: list[str] = field(default_factory=list)
     published: int = 0  # tokens[:published] went out as events
+    thoughts: list[str] = field(default_factory=list)  # a reasoning model's, apart
+    published_thoughts: int = 0
 
     @property
     def cancelled(self) -> bool:
@@ -345,7 +347,9 @@ class Executor:
 
         watcher = asyncio.ensure_future(watch())
         try:
-            return await runtime.generate(request, job.tokens.append, lambda: job.cancelled)
+            return await runtime.generate(
+                request, job.tokens.append, lambda: job.cancelled, on_reasoning=job.thoughts.append
+            )
         except asyncio.CancelledError:
             if cut_off and task.uncancel() == 0:
                 text = "".join(job.tokens)
@@ -450,14 +454,20 @@ class Executor:
         await asyncio.gather(*(self._flush_tokens(job) for job in jobs))
 
     async def _flush_tokens(self, job: RunningJob) -> None:
-        end = len(job.tokens)
-        if not job.watched or end == job.published:
+        """Publish what the watched job generated since the last flush: its thinking first
+        (a reasoning model thinks before it answers), then its answer."""
+        if not job.watched:
             return
-        text = "".join(job.tokens[job.published : end])
-        job.published = end
-        event = json.dumps({"type": "token", "text": text})
-        await self.redis.publish(keys.job_events(job.job_id), event)
-
+        thoughts, tokens = len(job.thoughts), len(job.tokens)
+        pending = {
+            "reasoning": job.thoughts[job.published_thoughts : thoughts],
+            "token": job.tokens[job.published : tokens],
+        }
+        job.published_thoughts, job.published = thoughts, tokens
+        for kind, pieces in pending.items():
+            if pieces:
+                event = json.dumps({"type": kind, "text": "".join(pieces)})
+                await self.redis.publish(keys.job_events(job.job_id), event)
 
 async def _until_redis_answers(call: Callable[[], Awaitable[T]], what: str) -> T:
     """``call()``, retried while Redis is unreachable, for up to ``REDIS_OUTAGE_S``."""

@@ -4,6 +4,7 @@ a batch's progress.
 ``GET /v1/jobs/{id}/events`` answers ``text/event-stream``::
 
     event: status          data: {"status": "running"}
+    event: reasoning       data: {"text": "Speed is distance"}   (reasoning models only)
     event: token           data: {"text": "The train"}
     event: result          data: <the job, as GET /v1/jobs/{id} shows it>
 
@@ -203,8 +204,8 @@ async def job_stream(
                 # Re-read while idle: an end whose event was lost (Redis reconnect) still
                 # ends the stream.
                 record = await read_job(store, job_id, owner)
-            elif event.get("type") == "token":
-                yield sse("token", {"text": event["text"]})
+            elif event.get("type") in ("token", "reasoning"):
+                yield sse(event["type"], {"text": event["text"]})
             elif event.get("type") == "status" and event["status"] in TERMINAL:
                 # Tokens are published before the final status, so none is left behind.
                 record = event.get("record") or await read_job(store, job_id, owner)

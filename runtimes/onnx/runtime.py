@@ -181,6 +181,8 @@ class OnnxRuntime:
         request: GenerationRequest,
         on_token: TokenCallback | None = None,
         is_cancelled: CancelCheck | None = None,
+        *,
+        on_reasoning: TokenCallback | None = None,  # the decoder's thinking is its text
     ) -> Completion:
         """Run one generation, sharing forward passes with every other job in flight."""
         loop = asyncio.get_running_loop()
