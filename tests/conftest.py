@@ -4,18 +4,21 @@ inference servers that cannot run here."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
+from core.settings import Settings
 from tests.cluster import RedisServer, Service, service_env, start_api, start_worker
 from tests.standins.server_thread import StandInProcess
+from workers.executor import Executor
 
 ROUTING = {"onnx": "cpu", "ollama": "cpu", "vllm": "gpu"}
 WEBHOOK_SECRET = "test-webhook-secret"
@@ -120,3 +123,31 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server = RedisServer(Path(tmp_path_factory.mktemp("redis"))).start()
     yield server.url
     server.stop()
+
+
+MakeExecutor = Callable[[Settings], Executor]
+
+
+@pytest.fixture
+def executor_for() -> Iterator[MakeExecutor]:
+    """Makes a test's in-process worker executors, and stops them after it: left running,
+    their loops would poll a redis-server its module has stopped, a line a second to the
+    end of the run."""
+    made: list[Executor] = []
+
+    def make(settings: Settings) -> Executor:
+        made.append(Executor(settings))
+        return made[-1]
+
+    yield make
+    for executor in made:
+        loop = executor.start()
+        asyncio.run_coroutine_threadsafe(_cancel_all(), loop).result(timeout=5)
+        loop.call_soon_threadsafe(loop.stop)
+
+
+async def _cancel_all() -> None:
+    tasks = asyncio.all_tasks() - {asyncio.current_task()}
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -24,11 +24,11 @@ from core.broker import RUN_JOB, task_message
 from core.jobs import JobStatus, JobStore
 from core.settings import Settings
 from tests.cluster import wait_until
+from tests.conftest import MakeExecutor
 from tests.silencing_proxy import SilencingProxy
 from tests.standins.openai_server import OpenAIConfig, OpenAIStandIn
 from tests.standins.server_thread import ServerThread, free_port
 from workers import executor as executor_module
-from workers.executor import Executor
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +52,11 @@ def queued_job(settings: Settings, job_id: str, prompt: str = "echo: one two thr
     return record
 
 
-def test_begun_job_runs_without_its_pool_thread_and_only_once(settings: Settings) -> None:
+def test_begun_job_runs_without_its_pool_thread_and_only_once(
+    settings: Settings, executor_for: MakeExecutor
+) -> None:
     record = queued_job(settings, "job-begun")
-    executor = Executor(settings)
+    executor = executor_for(settings)
     executor.begin("job-begun", record, "delivery-1", redelivered=False)
     client = redis.Redis.from_url(settings.redis_url)
     wait_until(
@@ -66,14 +68,18 @@ def test_begun_job_runs_without_its_pool_thread_and_only_once(settings: Settings
     assert client.hget(keys.job("job-begun"), "attempts") == b"1"
 
 
-def test_job_not_begun_runs_in_its_pool_thread(settings: Settings) -> None:
+def test_job_not_begun_runs_in_its_pool_thread(
+    settings: Settings, executor_for: MakeExecutor
+) -> None:
     record = queued_job(settings, "job-plain")
-    summary = Executor(settings).run("job-plain", record, "delivery-2", redelivered=False)
+    summary = executor_for(settings).run("job-plain", record, "delivery-2", redelivered=False)
     assert summary == {"job_id": "job-plain", "status": "succeeded", "attempts": 1}
 
 
 def test_start_records_the_delivery_the_transport_deferred(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    executor_for: MakeExecutor,
 ) -> None:
     record = queued_job(settings, "job-recorded")
     monkeypatch.setattr(redis_transport.deferred, "tasks", frozenset({RUN_JOB}))
@@ -82,7 +88,7 @@ def test_start_records_the_delivery_the_transport_deferred(
         headers={"task": RUN_JOB}, delivery_info={"exchange": "", "routing_key": "gpu"}, _raw=raw
     )
     assert redis_transport.deferred.keep(message, "delivery-r")
-    Executor(settings).run("job-recorded", record, "delivery-r", redelivered=False)
+    executor_for(settings).run("job-recorded", record, "delivery-r", redelivered=False)
     client = redis.Redis.from_url(settings.redis_url)
     assert json.loads(client.hget(keys.UNACKED, "delivery-r")) == [raw, "", "gpu"]
     started_at = float(client.hget(keys.job("job-recorded"), "started_at"))
@@ -133,11 +139,13 @@ def silenced(redis_url: str) -> Iterator[tuple[Settings, SilencingProxy]]:
 
 
 def test_job_outlives_its_redis_connections_dying_silently(
-    redis_url: str, silenced: tuple[Settings, SilencingProxy]
+    redis_url: str,
+    silenced: tuple[Settings, SilencingProxy],
+    executor_for: MakeExecutor,
 ) -> None:
     settings, proxy = silenced
     record = queued_job(settings, "job-silenced", SHORT_PROMPT)
-    Executor(settings).begin("job-silenced", record, "delivery-s", redelivered=False)
+    executor_for(settings).begin("job-silenced", record, "delivery-s", redelivered=False)
     client = redis.Redis.from_url(redis_url)  # direct, never silenced
     wait_until(lambda: client.hget(keys.job("job-silenced"), "status") == b"running", 10, "start")
     proxy.partition()  # every connection the worker holds or opens goes silent
@@ -152,12 +160,15 @@ def test_job_outlives_its_redis_connections_dying_silently(
 
 
 def test_cancel_nudges_reach_a_worker_whose_pubsub_died_silently(
-    redis_url: str, silenced: tuple[Settings, SilencingProxy], monkeypatch: pytest.MonkeyPatch
+    redis_url: str,
+    silenced: tuple[Settings, SilencingProxy],
+    monkeypatch: pytest.MonkeyPatch,
+    executor_for: MakeExecutor,
 ) -> None:
     monkeypatch.setattr(executor_module, "CONTROL_PING_S", 0.5)
     settings, proxy = silenced
     record = queued_job(settings, "job-nudged", LONG_PROMPT)
-    Executor(settings).begin("job-nudged", record, "delivery-n", redelivered=False)
+    executor_for(settings).begin("job-nudged", record, "delivery-n", redelivered=False)
     client = redis.Redis.from_url(redis_url)
     wait_until(lambda: client.hget(keys.job("job-nudged"), "status") == b"running", 10, "start")
     proxy.silence()
@@ -173,14 +184,16 @@ def test_cancel_nudges_reach_a_worker_whose_pubsub_died_silently(
 
 
 def test_job_outlives_a_failover_that_demotes_its_redis(
-    redis_url: str, silenced: tuple[Settings, SilencingProxy]
+    redis_url: str,
+    silenced: tuple[Settings, SilencingProxy],
+    executor_for: MakeExecutor,
 ) -> None:
     # The server the worker holds connections to turns replica (of a primary that isn't up,
     # so it keeps its data) while a job runs: every write answers READONLY until it is
     # promoted again, as after a failover whose new primary the URL then names.
     settings, _ = silenced
     record = queued_job(settings, "job-demoted", SHORT_PROMPT)
-    Executor(settings).begin("job-demoted", record, "delivery-d", redelivered=False)
+    executor_for(settings).begin("job-demoted", record, "delivery-d", redelivered=False)
     admin = redis.Redis.from_url(redis_url)
     wait_until(lambda: admin.hget(keys.job("job-demoted"), "status") == b"running", 10, "start")
     admin.replicaof("127.0.0.1", free_port())
@@ -194,14 +207,16 @@ def test_job_outlives_a_failover_that_demotes_its_redis(
     assert float(admin.hget(keys.job("job-demoted"), "finished_at")) - promoted < 5
 
 
-def test_reasoning_is_stored_and_streamed_apart_from_the_answer(redis_url: str) -> None:
+def test_reasoning_is_stored_and_streamed_apart_from_the_answer(
+    redis_url: str, executor_for: MakeExecutor
+) -> None:
     config = OpenAIConfig(step_base_s=0.001, step_per_seq_s=0, reasoning_tokens=2)
     events = redis.Redis.from_url(redis_url).pubsub(ignore_subscribe_messages=True)
     events.subscribe(keys.job_events("job-reasoning"))
     with ServerThread(OpenAIStandIn(config).app) as vllm:
         settings = Settings(redis_url=redis_url, vllm_url=vllm.url, runtime_queues={"vllm": "gpu"})
         record = queued_job(settings, "job-reasoning", "echo: four")
-        executor = Executor(settings)
+        executor = executor_for(settings)
         executor._nudge({"watch": "job-reasoning"})  # as a server-sent events client does
         summary = executor.run("job-reasoning", record, None, redelivered=False)
     assert summary["status"] == "succeeded"

@@ -17,6 +17,7 @@ import redis
 from core import keys
 from core.settings import Settings
 from tests.cluster import wait_until
+from tests.conftest import MakeExecutor
 from tests.standins.openai_server import OpenAIConfig, OpenAIStandIn
 from tests.standins.server_thread import ServerThread
 from tests.test_executor import queued_job
@@ -38,8 +39,10 @@ def settings(redis_url: str) -> Iterator[Settings]:
 
 
 @pytest.fixture
-def executor(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Executor:
-    executor = Executor(settings)
+def executor(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, executor_for: MakeExecutor
+) -> Executor:
+    executor = executor_for(settings)
     monkeypatch.setattr(pool_module, "executor", executor)
     return executor
 
