@@ -63,7 +63,7 @@ class OllamaRuntime(HTTPRuntime):
             options["num_ctx"] = self.num_ctx
         body: dict[str, Any] = {
             "model": model,
-            "messages": [ollama_message(m) for m in request.messages],
+            "messages": ollama_messages(request.messages),
             "stream": True,
             "options": options,
         }
@@ -106,17 +106,30 @@ class OllamaRuntime(HTTPRuntime):
             state.completion_tokens = obj.get("eval_count")
 
 
-def ollama_message(message: dict[str, Any]) -> dict[str, Any]:
-    """An OpenAI chat message as Ollama takes it: a tool call's arguments as an object, not
-    a JSON string."""
-    calls = message.get("tool_calls")
-    if not calls:
-        return message
-    converted = [
-        {"function": {"name": c["function"]["name"], "arguments": _object(c["function"])}}
-        for c in calls
-    ]
-    return {**message, "content": message.get("content") or "", "tool_calls": converted}
+def ollama_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI chat messages as Ollama takes them: a tool call's arguments as an object, not
+    a JSON string, and a tool's answer naming its function (``tool_name``) rather than the
+    call's id, which Ollama does not have."""
+    names = {
+        call["id"]: call["function"]["name"]
+        for message in messages
+        for call in message.get("tool_calls") or ()
+    }
+    out = []
+    for message in messages:
+        if calls := message.get("tool_calls"):
+            converted = [
+                {"function": {"name": c["function"]["name"], "arguments": _object(c["function"])}}
+                for c in calls
+            ]
+            message = {**message, "content": message.get("content") or "", "tool_calls": converted}
+        elif message.get("role") == "tool":
+            name = names.get(message.get("tool_call_id") or "")
+            message = {k: v for k, v in message.items() if k != "tool_call_id"}
+            if name:
+                message["tool_name"] = name
+        out.append(message)
+    return out
 
 
 def _object(function: dict[str, Any]) -> Any:
