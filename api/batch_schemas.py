@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field, HttpUrl
+from pydantic import BaseModel, Field, HttpUrl, Json
 
-from api.schemas import RuntimeName, TaskType, WebhookPublic
+from api.schemas import ResponseFormat, RuntimeName, TaskType, WebhookPublic
 from core.rows import JOB_FIELDS, ColumnMap
 from core.settings import settings
 
@@ -38,6 +38,7 @@ class BatchCreate(BaseModel):
     seed_column: str | None = None
     stop_column: str | None = None
     priority_column: str | None = None
+    response_format_column: str | None = Field(None, description="Cells of JSON text.")
 
     task_type: TaskType = "chat"
     runtime: RuntimeName | None = None
@@ -48,6 +49,9 @@ class BatchCreate(BaseModel):
     top_k: int | None = Field(None, ge=0, le=1000)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | None = Field(None, min_length=1, max_length=128)
+    response_format: Json[ResponseFormat] | None = Field(
+        None, description='JSON text, as the job field: {"type": "json_object"} or a json_schema.'
+    )
     priority: int = Field(
         settings.batch_priority, ge=0, le=9, description="Default: below interactive jobs."
     )
@@ -59,7 +63,7 @@ class BatchCreate(BaseModel):
     )
 
     def column_map(self) -> ColumnMap:
-        data = self.model_dump()
+        data = self.model_dump(by_alias=True)
         return ColumnMap(
             prompt=self.prompt_column,
             id=self.id_column,

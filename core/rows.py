@@ -18,9 +18,11 @@ Format = Literal["csv", "jsonl"]
 
 JOB_FIELDS = (
     "task_type", "runtime", "model", "max_tokens", "temperature", "top_p", "top_k", "seed",
-    "stop", "priority",
+    "stop", "priority", "response_format",
 )
 """Job fields a row may set from a column of its own (besides the prompt)."""
+JSON_FIELDS = frozenset({"response_format"})
+"""Of those, the ones whose value is JSON: text in a CSV cell or an option, as is in JSONL."""
 
 # One CSV field may hold a whole prompt; the csv module's default cap is 128 KiB.
 csv.field_size_limit(16 * 2**20)
@@ -172,6 +174,12 @@ class ColumnMap:
             value = row.values.get(column)
             if value not in (None, ""):
                 fields[name] = value
+        for name in JSON_FIELDS & fields.keys():
+            if isinstance(fields[name], str):
+                try:
+                    fields[name] = json.loads(fields[name])
+                except ValueError as exc:
+                    raise RowError(row.index, row.line, f"{name}: not JSON ({exc})") from None
         fields["prompt"] = prompt if isinstance(prompt, str) else json.dumps(prompt)
         return fields
 

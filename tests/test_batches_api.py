@@ -193,3 +193,29 @@ def test_result_rows_carry_the_reasoning() -> None:
     header, line = csv_lines([record], header=True).decode().splitlines()
     assert header.split(",")[3:5] == ["answer", "reasoning"]
     assert line.split(",")[3:5] == ["4", "2 + 2 is 4."]
+
+
+def test_response_format_per_batch_and_per_row(stack: Stack) -> None:
+    # A batch-wide JSON schema (form field), one row with its own (a cell of JSON text),
+    # and one row whose cell is not JSON: refused with the reason, the others answered.
+    schema = {"type": "json_schema", "json_schema": {"name": "sum", "schema": {
+        "type": "object", "properties": {"total": {"type": "integer"}}}}}  # fmt: skip
+    own = json.dumps({"type": "json_object"}).replace('"', '""')
+    lines = ["q,fmt", "Add 1 and 2.,", f'Add 3 and 4.,"{own}"', "Add 5 and 6.,{not json"]
+    with stack.client() as client:
+        response = upload(
+            client, "sums.csv", "\n".join(lines) + "\n", prompt_column="q", runtime="vllm",
+            response_format=json.dumps(schema), response_format_column="fmt",
+        )  # fmt: skip
+        assert response.status_code == 201, response.text
+        created = response.json()
+        [refused] = created["rejected_rows"]
+        assert refused["line"] == 4 and "response_format: not JSON" in refused["message"]
+        wait_for_batch(client, created["id"])
+        rows = csv_rows(client.get(f"/v1/batches/{created['id']}/results").text)
+        bad_default = upload(client, "x.csv", "q\nhi\n", prompt_column="q",
+                             response_format='{"type": "xml"}')  # fmt: skip
+    answers = {r["index"]: json.loads(r["answer"]) for r in rows if r["status"] == "succeeded"}
+    assert isinstance(answers["0"]["total"], int)  # the batch's schema
+    assert "total" not in answers["1"] and isinstance(answers["1"], dict)  # its own
+    assert bad_default.status_code == 422 and "response_format" in bad_default.text

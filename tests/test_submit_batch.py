@@ -130,3 +130,16 @@ def test_usage_errors_exit_2(stack: Stack, tmp_path: Path) -> None:
     missing_file = run_submit(stack, tmp_path / "nope.csv", "-o", tmp_path / "o.csv")
     assert missing_column.returncode == 2 and "'prompt'" in missing_column.stderr
     assert missing_file.returncode == 2
+
+
+def test_response_format_option_gives_json_answers(stack: Stack, tmp_path: Path) -> None:
+    write_csv(tmp_path / "in.csv", ["question"], [[f"Add {i} and {i}."] for i in range(5)])
+    schema = {"type": "json_schema", "json_schema": {"name": "sum", "schema": {
+        "type": "object", "properties": {"total": {"type": "integer"}}}}}  # fmt: skip
+    done = run_submit(
+        stack, tmp_path / "in.csv", "-o", tmp_path / "out.csv", "--prompt-column", "question",
+        "--response-format", json.dumps(schema),
+    )
+    assert done.returncode == 0, done.stderr
+    answers = [json.loads(r["answer"]) for r in read_csv(tmp_path / "out.csv")]
+    assert len(answers) == 5 and all(isinstance(a["total"], int) for a in answers)
