@@ -146,5 +146,7 @@ def test_flower_terminate_stops_a_running_job(solo: Solo, flower: str) -> None:
         # The worker lives on: its one slot runs the next job.
         after = solo.submit(prompt="after the terminate", max_tokens=4)
         assert wait_for_job(client, after)["status"] == "succeeded"
+    wait_until(lambda: flower_state(flower, after) == "SUCCESS", 10, "Flower: next job")
+    assert flower_state(flower, job_id) == "REVOKED"  # not SUCCESS once its run returned
     record = next(r for r in solo.backend_log() if "terminate me" in str(r["body"]))
     assert record["client_closed"] is True

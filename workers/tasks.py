@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery.exceptions import Reject
+from celery.exceptions import Ignore, Reject
 from celery.signals import task_received, task_revoked
+from celery.worker import state as worker_state
 
 from core import redis_transport
 from core.broker import RUN_JOB, app
 from core.errors import REDIS_UNAVAILABLE
+from core.jobs import JobStatus
 from core.settings import settings
 from workers.executor import Executor
 
@@ -43,9 +45,14 @@ def run_job(self: Any, job_id: str, spec: dict[str, Any]) -> dict[str, Any]:
     delivery_tag = (self.request.properties or {}).get("delivery_tag")
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
     try:
-        return executor.run(job_id, spec, delivery_tag, redelivered)
+        summary = executor.run(job_id, spec, delivery_tag, redelivered)
     except REDIS_UNAVAILABLE as exc:
         # Redis stayed unavailable past the executor's retries: hand the message back (if
         # Redis still refuses, its lease expires and it is restored) rather than ack a job
         # whose end was never recorded.
         raise Reject(f"Redis unavailable: {exc}", requeue=True) from exc
+    if summary["status"] == JobStatus.CANCELLED and job_id in worker_state.revoked:
+        # Terminated (Flower, revoke --terminate): acknowledged without a success event, so
+        # the task stays REVOKED in Flower instead of turning SUCCESS.
+        raise Ignore()
+    return summary
