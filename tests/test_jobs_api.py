@@ -133,6 +133,24 @@ def test_wait_returns_when_the_job_ends(stack: Stack) -> None:
     assert waited["status"] == "succeeded"
 
 
+def test_submit_and_wait_in_one_request(stack: Stack) -> None:
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    body = {"prompt": "echo: done at once", "runtime": "vllm"}
+    with stack.client() as client:
+        ended = client.post("/v1/jobs", params={"wait": 20}, json=body, headers=key)
+        replayed = client.post("/v1/jobs", params={"wait": 20}, json=body, headers=key)
+        httpx.post(f"{stack.vllm.url}/_standin/faults", json={"latency_s": 1.0})
+        pending = client.post("/v1/jobs", params={"wait": 0.2}, json=body | {"prompt": "slow"})
+        too_long = client.post("/v1/jobs", params={"wait": 61}, json=body)
+    assert ended.status_code == 200, ended.text
+    assert ended.json()["status"] == "succeeded"
+    assert ended.json()["result"]["text"] == " done at once"
+    assert ended.headers["location"].endswith(f"/v1/jobs/{ended.json()['id']}")
+    assert replayed.status_code == 200 and replayed.json()["id"] == ended.json()["id"]
+    assert pending.status_code == 202 and pending.json()["status"] in {"queued", "running"}
+    assert too_long.status_code == 422
+
+
 def test_idempotency_key_returns_the_same_job(stack: Stack) -> None:
     key = uuid.uuid4().hex
     with stack.client() as client:

@@ -48,6 +48,7 @@ async def read_job(store: JobStore, job_id: str, owner: str) -> dict[str, str]:
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobPublic,
     responses={
+        200: {"model": JobPublic, "description": "With ``wait``: the job ended meanwhile"},
         409: {"model": ErrorResponse, "description": "Idempotency-Key reused"},
         429: {"model": ErrorResponse, "description": "Key's rate limit or job quota reached"},
     },
@@ -62,17 +63,32 @@ async def create_job(
     redis: RedisDep,
     owner: OwnerDep,
     quota: QuotaDep,
+    hub: HubDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    wait: Annotated[
+        float, Query(ge=0, le=60, description="Seconds to wait for the job to end.")
+    ] = 0,
 ) -> JobPublic:
-    """Queue a job; answers at once with its id and URL. Poll the URL or wait on it."""
+    """Queue a job; answers at once (202) with its id and URL, to poll or wait on. With
+    ``wait``, answers as soon as the job ends (200, with its result), else after ``wait``
+    seconds (202): one request for a short job."""
     job_id = new_job_id()
+    url = base_url(request, settings.public_url)
+
+    async def answer(record: dict[str, str]) -> JobPublic:
+        if wait and record["status"] not in TERMINAL:
+            record = await wait_for_end(store, hub, record["id"], owner, wait)
+        if wait and record["status"] in TERMINAL:
+            response.status_code = status.HTTP_200_OK
+        return job_public(record, url)  # as accepted, or as it ended within ``wait``
+
     callback_url = str(job.callback_url) if job.callback_url else None
     if callback_url:
         await check_callback_url(callback_url, settings)
     record = build_record(
         job, job_id, settings, owner, callback_url=callback_url,
         # The API's URL as this client sees it: the job link in the webhook body.
-        api_url=base_url(request, settings.public_url) if callback_url else None,
+        api_url=url if callback_url else None,
     )
     if idempotency_key:
         fingerprint = hashlib.sha256(job.model_dump_json().encode()).hexdigest()
@@ -83,15 +99,14 @@ async def create_job(
             response.headers["Idempotent-Replayed"] = "true"
             replayed = await store.get(existing)
             if replayed is not None:
-                return job_public(replayed, base_url(request, settings.public_url))
+                return await answer(replayed)
             # The first attempt died before storing its job: finish its work under its id.
             record["id"] = job_id = existing
     async with quota.admit([job_id]):
         created = await store.create(record, task_message(record, settings.flower_show_content))
     JOBS_SUBMITTED.labels(record["runtime"]).inc()
-    url = base_url(request, settings.public_url)
     response.headers["Location"] = f"{url}/v1/jobs/{job_id}"
-    return job_public(created, url)  # as accepted; a worker may have started it since
+    return await answer(created)
 
 
 async def claim_idempotency_key(
