@@ -14,7 +14,8 @@ and a uvloop loop, so that its own cost stays out of the figures.
   ``vllm bench serve`` does: request/s, output tokens/s, TTFT and TPOT p50/p99.
 - ``reasonq``: the same N requests posted to the API (uvicorn subprocess, own
   redis-server), run by W Celery worker processes on the documented default settings;
-  the client keeps S jobs outstanding and awaits each with ``GET /v1/jobs/{id}?wait=``.
+  the client keeps S jobs outstanding, each submitted and awaited in one request
+  (``POST /v1/jobs?wait=``).
   Added latency per job = client end-to-end minus ``result.timings.backend_s`` (measured
   by the worker around the backend call). TTFT through reasonq is the backend's TTFT plus
   all of the job's added latency (an upper bound); TPOT is the backend's.
@@ -180,7 +181,8 @@ async def run_direct(url: str, model: str, jobs: list[dict], concurrency: int):
 
 
 async def run_reasonq(api_url: str, model: str | None, jobs: list[dict], concurrency: int):
-    """Post each job, then long-poll it to its end (``?wait=``)."""
+    """Post each job and wait for its end in the same request (``POST /v1/jobs?wait=``),
+    long-polling further should it outlast the wait."""
     async with _client(api_url, 120, concurrency) as c:
 
         async def one(job: dict) -> Sample:
@@ -188,7 +190,7 @@ async def run_reasonq(api_url: str, model: str | None, jobs: list[dict], concurr
             if model:
                 body["model"] = model
             began = time.perf_counter()
-            created = await c.post("/v1/jobs", json=body)
+            created = await c.post("/v1/jobs", json=body, params={"wait": 60})
             created.raise_for_status()
             record = created.json()
             while record["status"] not in ("succeeded", "failed", "cancelled"):
