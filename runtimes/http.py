@@ -281,8 +281,7 @@ class StreamState:
         self, index: int, call_id: str | None, name: str | None, arguments: str
     ) -> None:
         """A tool call, or the next piece of one (OpenAI streams its arguments in pieces)."""
-        if self.time_to_first_token_s is None:
-            self.time_to_first_token_s = time.perf_counter() - self.started
+        self._first_token()
         call = self.tool_calls.setdefault(
             index, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
         )
@@ -293,17 +292,20 @@ class StreamState:
     def add_reasoning(self, text: str) -> None:
         """A piece of the model's reasoning: kept apart from the answer (``on_reasoning``,
         not ``on_token``); its first piece is the first token."""
-        if self.time_to_first_token_s is None:
-            self.time_to_first_token_s = time.perf_counter() - self.started
+        self._first_token()
         self.reasoning_parts.append(text)
         if self.on_reasoning is not None:
             self.on_reasoning(text)
 
+    def _first_token(self) -> None:
+        """Time to first token: to the first piece of answer, thought or tool call."""
+        if self.time_to_first_token_s is None:
+            self.time_to_first_token_s = time.perf_counter() - self.started
+
     def add(self, text: str) -> None:
         if not text:
             return
-        if self.time_to_first_token_s is None:
-            self.time_to_first_token_s = time.perf_counter() - self.started
+        self._first_token()
         self.parts.append(text)
         if self.on_token is not None:
             self.on_token(text)

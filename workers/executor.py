@@ -127,7 +127,9 @@ class Executor:
     def _serve(self, ready: threading.Event) -> None:
         loop = uvloop.new_event_loop()  # a little less CPU per job (docs/performance.md)
         asyncio.set_event_loop(loop)
-        self.redis = redis_client(self.settings, max_connections=self.settings.worker_concurrency + 16)
+        self.redis = redis_client(
+            self.settings, max_connections=self.settings.worker_concurrency + 16
+        )
         self.store = JobStore(self.redis, self.settings.result_ttl_s)
         self.semaphore = BackendSemaphore(self.redis, self.settings.backend_max_inflight)
         self._loop = loop
@@ -468,6 +470,7 @@ class Executor:
             if pieces:
                 event = json.dumps({"type": kind, "text": "".join(pieces)})
                 await self.redis.publish(keys.job_events(job.job_id), event)
+
 
 async def _until_redis_answers(call: Callable[[], Awaitable[T]], what: str) -> T:
     """``call()``, retried while Redis is unreachable, for up to ``REDIS_OUTAGE_S``."""
