@@ -29,6 +29,7 @@ from tests.silencing_proxy import SilencingProxy
 from tests.standins.openai_server import OpenAIConfig, OpenAIStandIn
 from tests.standins.server_thread import ServerThread, free_port
 from workers import executor as executor_module
+from workers.executor import Executor
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +116,16 @@ def test_finish_retried_after_a_lost_reply_still_counts(settings: Settings) -> N
     assert asyncio.run(scenario()) == (True, True, False)
 
 
+def begun_and_running(executor: Executor, job_id: str, prompt: str, redis_url: str) -> redis.Redis:
+    """Queue ``job_id`` and begin it on ``executor``; once it runs, a client of ``redis_url``
+    (the server itself, whatever proxy the executor goes through) to watch it with."""
+    record = queued_job(executor.settings, job_id, prompt)
+    executor.begin(job_id, record, f"delivery-{job_id}", redelivered=False)
+    client = redis.Redis.from_url(redis_url)
+    wait_until(lambda: client.hget(keys.job(job_id), "status") == b"running", 10, "start")
+    return client
+
+
 LONG_PROMPT = "Reason step by step."  # not an echo: the stand-in answers output_len tokens
 SHORT_PROMPT = "echo: " + " ".join(["word"] * 20)  # the stand-in echoes 20 tokens (2 s)
 
@@ -144,10 +155,7 @@ def test_job_outlives_its_redis_connections_dying_silently(
     executor_for: MakeExecutor,
 ) -> None:
     settings, proxy = silenced
-    record = queued_job(settings, "job-silenced", SHORT_PROMPT)
-    executor_for(settings).begin("job-silenced", record, "delivery-s", redelivered=False)
-    client = redis.Redis.from_url(redis_url)  # direct, never silenced
-    wait_until(lambda: client.hget(keys.job("job-silenced"), "status") == b"running", 10, "start")
+    client = begun_and_running(executor_for(settings), "job-silenced", SHORT_PROMPT, redis_url)
     proxy.partition()  # every connection the worker holds or opens goes silent
     time.sleep(3)  # the job ends meanwhile (2 s); recording its end hangs on a silent one
     assert client.hget(keys.job("job-silenced"), "status") == b"running"
@@ -167,10 +175,7 @@ def test_cancel_nudges_reach_a_worker_whose_pubsub_died_silently(
 ) -> None:
     monkeypatch.setattr(executor_module, "CONTROL_PING_S", 0.5)
     settings, proxy = silenced
-    record = queued_job(settings, "job-nudged", LONG_PROMPT)
-    executor_for(settings).begin("job-nudged", record, "delivery-n", redelivered=False)
-    client = redis.Redis.from_url(redis_url)
-    wait_until(lambda: client.hget(keys.job("job-nudged"), "status") == b"running", 10, "start")
+    client = begun_and_running(executor_for(settings), "job-nudged", LONG_PROMPT, redis_url)
     proxy.silence()
     time.sleep(4)  # the listener pings, hears nothing, and subscribes on a new connection
 
@@ -192,10 +197,7 @@ def test_job_outlives_a_failover_that_demotes_its_redis(
     # so it keeps its data) while a job runs: every write answers READONLY until it is
     # promoted again, as after a failover whose new primary the URL then names.
     settings, _ = silenced
-    record = queued_job(settings, "job-demoted", SHORT_PROMPT)
-    executor_for(settings).begin("job-demoted", record, "delivery-d", redelivered=False)
-    admin = redis.Redis.from_url(redis_url)
-    wait_until(lambda: admin.hget(keys.job("job-demoted"), "status") == b"running", 10, "start")
+    admin = begun_and_running(executor_for(settings), "job-demoted", SHORT_PROMPT, redis_url)
     admin.replicaof("127.0.0.1", free_port())
     try:
         time.sleep(3)  # the job ends meanwhile (2 s); its end is refused

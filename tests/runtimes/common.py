@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from runtimes.base import GenerationRequest
+import json
+
+from runtimes.base import Completion, GenerationRequest, Runtime
 from runtimes.http import HTTPOptions
 
 FAST = HTTPOptions(read_timeout_s=5, cancel_poll_s=0.02)
@@ -45,3 +47,18 @@ def tool_conversation(call: dict) -> list[dict]:
         {"role": "assistant", "tool_calls": [call]},
         {"role": "tool", "tool_call_id": call["id"], "content": "78.54"},
     ]
+
+
+async def call_then_answer(runtime: Runtime) -> tuple[Completion, dict, Completion]:
+    """Ask the circle question with its tool, then send the call and its result on: the
+    model calls the tool once (its arguments an instance of the schema), then answers."""
+    called = await runtime.generate(ask(CIRCLE_QUESTION, tools=[CIRCLE_TOOL]))
+    assert called.finish_reason == "tool_calls" and called.text == ""
+    [call] = called.tool_calls or []
+    assert call["function"]["name"] == "calculate_circle_area"
+    assert json.loads(call["function"]["arguments"]) == {"radius": 0.5}  # JSON text, as OpenAI
+    answer = await runtime.generate(
+        GenerationRequest(messages=tool_conversation(call), tools=[CIRCLE_TOOL])
+    )
+    assert answer.finish_reason == "stop" and answer.text and answer.tool_calls is None
+    return called, call, answer

@@ -10,17 +10,15 @@ from collections.abc import Iterator
 import pytest
 
 from core.errors import BackendBusy, BackendRejected, BackendUnavailable
-from runtimes.base import GenerationRequest
 from runtimes.http import HTTPOptions, StreamState
 from runtimes.ollama import OllamaRuntime
 from tests.runtimes.common import (
     ANSWER_SCHEMA,
-    CIRCLE_QUESTION,
     CIRCLE_TOOL,
     FAST,
     JSON_SCHEMA_FORMAT,
     ask,
-    tool_conversation,
+    call_then_answer,
 )
 from tests.standins.engine import count_prompt_tokens, plan_reply
 from tests.standins.ollama_server import BUSY, OllamaConfig, OllamaStandIn
@@ -229,18 +227,10 @@ async def test_tool_call_then_answer_after_its_result(
     server: ServerThread, ctl: StandInControl
 ) -> None:
     runtime = OllamaRuntime(server.url, options=FAST)
-    called = await runtime.generate(ask(CIRCLE_QUESTION, tools=[CIRCLE_TOOL]))
-    assert called.finish_reason == "tool_calls" and called.text == ""
-    [call] = called.tool_calls or []
+    _, call, _ = await call_then_answer(runtime)
     assert call["id"] == "call_0"  # Ollama gives none: ours, so a tool message can cite it
-    assert call["function"]["name"] == "calculate_circle_area"
-    assert json.loads(call["function"]["arguments"]) == {"radius": 0.5}  # JSON text, as OpenAI
-    answer = await runtime.generate(
-        GenerationRequest(messages=tool_conversation(call), tools=[CIRCLE_TOOL])
-    )
     none_offered = await runtime.generate(ask("hi", tools=[CIRCLE_TOOL], tool_choice="none"))
     await runtime.aclose()
-    assert answer.finish_reason == "stop" and answer.text and answer.tool_calls is None
     assert none_offered.tool_calls is None and "tools" not in ctl.requests()[2]["body"]
     first, second = (r["body"] for r in ctl.requests()[:2])
     assert first["tools"] == [CIRCLE_TOOL]

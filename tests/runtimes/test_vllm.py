@@ -19,11 +19,11 @@ from runtimes.base import GenerationRequest
 from runtimes.http import HTTPOptions, StreamState, backend_message, retry_after_s
 from runtimes.vllm import VLLMRuntime
 from tests.runtimes.common import (
-    CIRCLE_QUESTION,
     CIRCLE_TOOL,
     FAST,
     JSON_SCHEMA_FORMAT,
     ask,
+    call_then_answer,
     tool_conversation,
 )
 from tests.standins.engine import count_prompt_tokens, plan_reply
@@ -330,18 +330,10 @@ async def test_tool_call_streamed_in_pieces_then_answer_after_its_result(
     server: ServerThread, ctl: StandInControl
 ) -> None:
     runtime = VLLMRuntime(server.url, options=FAST)
-    called = await runtime.generate(ask(CIRCLE_QUESTION, tools=[CIRCLE_TOOL]))
-    assert called.finish_reason == "tool_calls" and called.text == ""
-    [call] = called.tool_calls or []
-    assert call["type"] == "function" and call["id"].startswith("chatcmpl-tool-")
-    assert call["function"]["name"] == "calculate_circle_area"
-    assert json.loads(call["function"]["arguments"]) == {"radius": 0.5}
-    assert called.completion_tokens > 1  # the arguments came in several pieces
-    answer = await runtime.generate(
-        GenerationRequest(messages=tool_conversation(call), tools=[CIRCLE_TOOL])
-    )
+    called, call, _ = await call_then_answer(runtime)
     await runtime.aclose()
-    assert answer.finish_reason == "stop" and answer.text and answer.tool_calls is None
+    assert call["type"] == "function" and call["id"].startswith("chatcmpl-tool-")
+    assert called.completion_tokens > 1  # the arguments came in several pieces
     sent = [r["body"] for r in ctl.requests()]
     assert sent[0]["tools"] == [CIRCLE_TOOL] and "tool_choice" not in sent[0]
     assert sent[1]["messages"] == tool_conversation(call)
