@@ -4,11 +4,10 @@
 
 ``answers.csv`` holds every input row, its columns as read, plus ``answer``, ``reasoning``
 (a reasoning model's thinking), ``status``, ``error``, token counts, ``latency_s`` and
-``job_id``, in input order. Interrupted and run
-again with the same arguments, it resumes: each row's Idempotency-Key comes from the
-file's content, the options and the row's index, so rows already submitted get their
-existing job back and none is submitted twice. Exits 1 (with a summary) when rows failed,
-2 on a usage or file error.
+``job_id``, in input order. Interrupted and run again with the same arguments, it resumes:
+each row's Idempotency-Key comes from the file's content, the options and the row's index,
+so rows already submitted get their existing job back and none is submitted twice. Exits 1
+(with a summary) when rows failed, 2 on a usage or file error.
 """
 
 from __future__ import annotations
